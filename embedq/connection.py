@@ -1,0 +1,214 @@
+"""Connections to Redis: URLs (redis://, rediss://, unix://), checks, and a private server for one run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from embedq.errors import RedisUnavailable, UsageError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+MIN_REDIS = (6, 2)  # XAUTOCLAIM arrived in 6.2
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where Redis is and how to reach it; TLS files apply to rediss:// URLs."""
+
+    url: str = DEFAULT_URL
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_verify_hostname: bool = True
+    socket_timeout: float = 30.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
+    """A client for `settings.url`; with `check`, pings it and verifies the server version."""
+    scheme = urlsplit(settings.url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise UsageError(
+            f"Redis URL {redact(settings.url)!r} must start with redis://, rediss:// or unix://"
+        )
+    kwargs: dict[str, object] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": min(settings.socket_timeout, 5.0),
+        "health_check_interval": 30,
+        **settings.extra,
+    }
+    if scheme == "rediss":
+        kwargs["ssl_ca_certs"] = settings.tls_ca
+        kwargs["ssl_certfile"] = settings.tls_cert
+        kwargs["ssl_keyfile"] = settings.tls_key
+        kwargs["ssl_check_hostname"] = settings.tls_verify_hostname
+        kwargs["ssl_cert_reqs"] = "required"
+    try:
+        client = redis.Redis.from_url(settings.url, **kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(f"Redis URL {redact(settings.url)!r} is not valid: {exc}") from exc
+    if check:
+        check_server(client, settings.url)
+    return client
+
+
+def check_server(client: redis.Redis, url: str) -> None:
+    """Raise RedisUnavailable with a clear reason if the server cannot serve embedq."""
+    try:
+        client.ping()
+        version = str(client.info("server").get("redis_version", "0"))
+    except redis.AuthenticationError as exc:
+        raise RedisUnavailable(
+            f"Redis at {redact(url)} refused the credentials: {exc}. Put user and password in the "
+            "URL (redis://USER:PASSWORD@HOST:PORT) or EMBEDQ_REDIS_URL."
+        ) from exc
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+            raise RedisUnavailable(
+                f"Redis at {redact(url)} needs a password or more permissions: {exc}."
+            ) from exc
+        raise RedisUnavailable(f"Redis at {redact(url)} answered with an error: {exc}") from exc
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(
+            f"Redis at {redact(url)} does not answer ({exc}). Start Redis, or pass --redis / "
+            "EMBEDQ_REDIS_URL with the address of one."
+        ) from exc
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if major_minor < MIN_REDIS:
+        raise RedisUnavailable(
+            f"Redis at {redact(url)} is version {version}; embedq needs {'.'.join(map(str, MIN_REDIS))} or later."
+        )
+
+
+def answers(url: str) -> bool:
+    """True if a Redis server answers PING at `url` within a second."""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A private `redis-server` on a free loopback port, for one run or one test; stop() ends it."""
+
+    def __init__(self, *, appendonly: bool = False, appendfsync: str = "everysec",
+                 directory: str | os.PathLike[str] | None = None, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisUnavailable(
+                "No Redis answers and redis-server is not installed, so embedq cannot start a "
+                "private one. Install Redis (apt-get install redis-server) or pass --redis URL."
+            )
+        self._binary = binary
+        self._own_dir = directory is None
+        self.directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="embedq-redis-"))
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra_args = extra_args
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [
+            self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(self.directory), "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync, "--logfile", str(self.directory / "redis.log"),
+            *self.extra_args,
+        ]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:] if (
+                    self.directory / "redis.log").exists() else ""
+                raise RedisUnavailable(f"redis-server exited at start (code {self._process.returncode}): {log}")
+            if answers(self.url) or (self.extra_args and self._port_open()):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RedisUnavailable(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def _port_open(self) -> bool:
+        with contextlib.closing(socket.socket()) as sock:
+            sock.settimeout(0.2)
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server (SIGKILL with `kill`, so nothing is flushed beyond what AOF already has)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            if kill:
+                self._process.kill()
+            else:
+                self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def restart(self, *, kill: bool = True) -> None:
+        """Stop and start again on the same port and directory (AOF, if on, is replayed)."""
+        self.stop(kill=kill)
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+@contextlib.contextmanager
+def redis_for_run(url: str | None, log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+    """The Redis for `embedq run`: the one at `url` (or the default) if it answers, else a private
+    redis-server on a free loopback port that lives as long as the run."""
+    target = url or DEFAULT_URL
+    if answers(target):
+        yield target
+        return
+    with RedisServer() as server:
+        log(f"Redis at {redact(target)} does not answer; started a private redis-server at "
+            f"{server.url} for this run (it keeps nothing after the run).")
+        yield server.url

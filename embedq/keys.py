@@ -1,0 +1,89 @@
+"""Redis key names of a job. Every key of one job shares the hash tag `{job}` (Redis Cluster safe)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from embedq.errors import UsageError
+
+GROUP = "workers"
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def check_job_name(job: str) -> str:
+    """A job name is 1-64 letters, digits, '_', '.', '-', starting with a letter or digit."""
+    if not _JOB_NAME.match(job):
+        raise UsageError(
+            f"Job name {job!r} is not valid: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit."
+        )
+    return job
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """All keys of one job; `prefix` separates tenants sharing one Redis (`--key-prefix`)."""
+
+    job: str
+    prefix: str = "embedq"
+
+    def __post_init__(self) -> None:
+        check_job_name(self.job)
+        if not _PREFIX.match(self.prefix):
+            raise UsageError(f"Key prefix {self.prefix!r} is not valid: use 1-32 letters, digits, '_.-'.")
+
+    def _key(self, suffix: str) -> str:
+        return f"{self.prefix}:{{{self.job}}}:{suffix}"
+
+    @property
+    def stream(self) -> str:
+        """The batch stream workers read with XREADGROUP."""
+        return self._key("batches")
+
+    @property
+    def meta(self) -> str:
+        """The job record (hash)."""
+        return self._key("meta")
+
+    @property
+    def producer(self) -> str:
+        """The producer's cursor and totals (hash), written with each XADD."""
+        return self._key("producer")
+
+    @property
+    def producer_lock(self) -> str:
+        return self._key("producer:lock")
+
+    @property
+    def manifest(self) -> str:
+        """Committed parts (hash: part name -> JSON entry)."""
+        return self._key("manifest")
+
+    @property
+    def stats(self) -> str:
+        """Counters (hash): documents and batches committed and dead-lettered, tokens."""
+        return self._key("stats")
+
+    @property
+    def dead(self) -> str:
+        """Dead letters (stream)."""
+        return self._key("dead")
+
+    @property
+    def failures(self) -> str:
+        """Processing failures per stream entry (hash: entry id -> count)."""
+        return self._key("failures")
+
+    @property
+    def workers(self) -> str:
+        """Worker registry (hash: worker id -> JSON heartbeat)."""
+        return self._key("workers")
+
+    def worker_lease(self, worker_id: str) -> str:
+        """A worker's lease: exists while the worker is alive (TTL = lease time)."""
+        return self._key(f"lease:{worker_id}")
+
+    def all_patterns(self) -> list[str]:
+        return [self._key("*")]

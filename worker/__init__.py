@@ -1,0 +1,1 @@
+"""The worker: consume loop, leases, tokenization, bucketing, device pipeline, writer, commit."""
