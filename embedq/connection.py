@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -212,3 +213,33 @@ def redis_for_run(url: str | None, log: Callable[[str], None] = lambda _: None) 
         log(f"Redis at {redact(target)} does not answer; started a private redis-server at "
             f"{server.url} for this run (it keeps nothing after the run).")
         yield server.url
+
+
+T = TypeVar("T")
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def retry_redis(call: Callable[[], T], *, give_up_after: float, what: str,
+                log: Callable[[str], None] = lambda _: None,
+                stopping: Callable[[], bool] = lambda: False) -> T:
+    """Run `call`, retrying with exponential backoff (0.1 s to 5 s) while Redis is unreachable or
+    loading its data after a restart; RedisUnavailable once `give_up_after` seconds have passed.
+
+    Only calls that are safe to repeat belong here: every write embedq retries is idempotent.
+    """
+    delay, started, warned = 0.1, time.monotonic(), False
+    while True:
+        try:
+            return call()
+        except RETRYABLE as exc:
+            waited = time.monotonic() - started
+            if waited > give_up_after or stopping():
+                raise RedisUnavailable(
+                    f"Redis did not answer for {waited:.0f} s while trying to {what} ({exc}); giving up. "
+                    "Nothing acknowledged is lost: unfinished batches are reclaimed when a worker runs again."
+                ) from exc
+            if not warned:
+                log(f"Redis unreachable while trying to {what} ({exc}); retrying with backoff")
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

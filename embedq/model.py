@@ -141,7 +141,7 @@ def load_model_info(
     info = ModelInfo(
         path=root,
         name=_model_name(root, config),
-        digest=model_digest(weights + [config_file, tokenizer_file]),
+        digest=model_digest([*weights, config_file, tokenizer_file]),
         dim=dim,
         pooling=model_pooling,
         normalize=has_normalize,

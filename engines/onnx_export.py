@@ -1,0 +1,107 @@
+"""Export a model, pooling and normalization included, to one ONNX file in the engine cache.
+
+The graph (the contract ONNX Runtime runs and the TensorRT backend builds from; keep it stable):
+
+| name        | role   | dtype   | shape                   |
+| ----------- | ------ | ------- | ----------------------- |
+| `input_ids` | input  | int32   | (batch, sequence)       |
+| `lengths`   | input  | int32   | (batch,)                |
+| `embeddings`| output | float32 | (batch, dim)            |
+
+Right padding with the model's pad id; the attention mask `arange(sequence) < lengths[:, None]`
+is computed inside the graph, so callers hand over exactly what the `Engine` protocol gets. int32,
+not int64: it is what the tokenizer produces, half the bytes to copy, and TensorRT's native index
+type. Weights and computation are fp32 (opset 17). `batch` and `sequence` are dynamic.
+The file's metadata (`embedq.*` keys) records the model digest, pooling, normalization and
+dimension. The cache folder is keyed by model digest, pooling, normalization and `EXPORT_FORMAT`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from embedq.errors import EngineError
+from embedq.model import ModelInfo
+
+from .cache import atomic_path, model_cache_dir
+
+INPUT_IDS = "input_ids"
+LENGTHS = "lengths"
+EMBEDDINGS = "embeddings"
+BATCH_AXIS = "batch"
+SEQUENCE_AXIS = "sequence"
+OPSET = 17
+# Bump when the graph's interface or the wrapper around the transformer changes: files exported
+# under an older format then stop matching the cache key instead of being reused.
+EXPORT_FORMAT = 1
+ONNX_FILE = "model.onnx"
+
+
+def onnx_path(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the exported graph of `model` (with its pooling and normalization) lives in the cache."""
+    return model_cache_dir(model, cache_dir, f"onnx-v{EXPORT_FORMAT}", f"opset{OPSET}") / ONNX_FILE
+
+
+def export_onnx(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cached ONNX file for `model`, exported (and checked) first if it is not there yet."""
+    path = onnx_path(model, cache_dir)
+    if path.is_file():
+        return path
+    with atomic_path(path) as staged:
+        _export(model, staged)
+        _annotate_and_check(model, staged)
+    return path
+
+
+def _export(model: ModelInfo, destination: Path) -> None:
+    import torch
+
+    from .torch_engine import load_encoder
+
+    encoder = load_encoder(model, device="cpu", precision="fp32")
+    # Two rows of different lengths, one padded: the trace must see a real mask, not a skipped one.
+    example_ids = torch.full((2, 8), model.pad_token_id, dtype=torch.int32)
+    example_ids[:, :3] = 101
+    example_ids[0, 3:8] = 102
+    example_lengths = torch.tensor([8, 3], dtype=torch.int32)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # transformers warns that `is_causal` is traced as a constant; it is False for every
+            # input, since the attention mask is always given.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # dynamo=False: the dynamo exporter fails on this wrapper ("output name used twice").
+            torch.onnx.export(
+                encoder,
+                (example_ids, example_lengths),
+                str(destination),
+                input_names=[INPUT_IDS, LENGTHS],
+                output_names=[EMBEDDINGS],
+                dynamic_axes={
+                    INPUT_IDS: {0: BATCH_AXIS, 1: SEQUENCE_AXIS},
+                    LENGTHS: {0: BATCH_AXIS},
+                    EMBEDDINGS: {0: BATCH_AXIS},
+                },
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise EngineError(
+            f"exporting {model.name} ({model.architecture}) to ONNX failed: {exc}. "
+            "Use the torch backend for this model."
+        ) from exc
+
+
+def _annotate_and_check(model: ModelInfo, path: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    metadata = {f"embedq.{key}": str(value) for key, value in model.describe().items()}
+    metadata["embedq.export_format"] = str(EXPORT_FORMAT)
+    onnx.helper.set_model_props(graph, metadata)
+    onnx.save(graph, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise EngineError(f"the ONNX export of {model.name} does not pass onnx.checker: {exc}") from exc

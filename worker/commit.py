@@ -1,0 +1,241 @@
+"""The commit protocol: how a staged part and its batches become committed exactly once.
+
+    1. stage     write the part under `<name>.parquet.tmp`, fsync it        (writer.py)
+    2. settle    one atomic Redis step: manifest entry + dead letters + XACK + XDEL + counters
+    3. publish   rename to `<name>.parquet`, fsync the directory           (output.py)
+
+Step 2 runs as a Lua script: Redis executes it atomically and replicates it as one unit, exactly
+like MULTI/EXEC, but it can also *check* before writing, which MULTI/EXEC cannot without WATCH on
+keys every worker writes. It settles only if every stream entry of the part is still pending in
+the consumer group; an entry that is no longer pending was settled by another worker (it lost
+its lease and the batch was reclaimed), so the part is rewritten without it or dropped. Retrying
+after a lost reply is safe: a part already in the manifest answers "committed".
+
+A crash after step 1 leaves a staged orphan (its batches are reclaimed and done again); a crash
+after step 2 leaves a committed part still under its staging name, which `reconcile` renames
+(roll forward). Visible parts the manifest does not list can only come from a Redis that lost
+acknowledged writes (failover, AOF `everysec`); `reconcile` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import msgspec
+import redis
+from embedq.worker import deadletter
+from embedq.worker.output import MANIFEST_FILE, OutputDir
+from embedq.worker.writer import StagedPart
+
+from embedq.keys import GROUP, JobKeys
+from embedq.protocol import PAYLOAD_FIELD
+
+
+class PartEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """The manifest's record of one committed part."""
+
+    name: str
+    rows: int
+    tokens: int
+    bytes: int
+    entries: list[str]
+    seqs: list[int]
+    worker: str
+    committed_at: float
+
+
+@dataclass
+class Settlement:
+    """Everything one settle step commits for a set of stream entries."""
+
+    entries: list[str]
+    part: StagedPart | None = None
+    seqs: list[int] = field(default_factory=list)
+    tokens: int = 0
+    dead: list[deadletter.DeadLetter] = field(default_factory=list)
+    dead_entries: int = 0  # entries dead-lettered whole (unreadable), for the counters
+
+    @property
+    def dead_docs(self) -> int:
+        return sum(len(letter.doc_ids) for letter in self.dead)
+
+
+class Outcome(Enum):
+    SETTLED = "settled"  # this call committed it
+    ALREADY = "already"  # the part was committed by an earlier try of this same call
+    GONE = "gone"  # some entries were settled elsewhere; `gone` lists them
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    outcome: Outcome
+    gone: tuple[str, ...] = ()
+    backlog: int = 0  # stream length after the step
+
+
+_SETTLE = """
+-- KEYS: 1 stream, 2 manifest, 3 stats, 4 dead, 5 failures
+-- ARGV: 1 group, 2 part ('' if none), 3 manifest entry, 4 rows, 5 tokens, 6 dead docs,
+--       7 dead entries, 8 n entry ids, 9 n dead letters, then entry ids, then dead letters
+local part = ARGV[2]
+if part ~= '' and redis.call('HEXISTS', KEYS[2], part) == 1 then
+  return {'already', redis.call('XLEN', KEYS[1])}
+end
+local n, nd = tonumber(ARGV[8]), tonumber(ARGV[9])
+local gone = {'gone', 0}
+for i = 1, n do
+  local id = ARGV[9 + i]
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then gone[#gone + 1] = id end
+end
+if #gone > 2 then return gone end
+if part ~= '' then
+  redis.call('HSET', KEYS[2], part, ARGV[3])
+  redis.call('HINCRBY', KEYS[3], 'parts', 1)
+end
+for i = 1, nd do redis.call('XADD', KEYS[4], '*', 'd', ARGV[9 + n + i]) end
+for i = 1, n do
+  local id = ARGV[9 + i]
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[5], id)
+end
+redis.call('HINCRBY', KEYS[3], 'docs_committed', tonumber(ARGV[4]))
+redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[5]))
+redis.call('HINCRBY', KEYS[3], 'docs_dead', tonumber(ARGV[6]))
+redis.call('HINCRBY', KEYS[3], 'entries_dead', tonumber(ARGV[7]))
+redis.call('HINCRBY', KEYS[3], 'entries_settled', n)
+return {'settled', redis.call('XLEN', KEYS[1])}
+"""
+
+_SPLIT = f"""
+-- KEYS: 1 stream, 2 failures.  ARGV: 1 group, 2 entry id, then the payloads that replace it
+local id = ARGV[2]
+if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then return 0 end
+for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD.decode()}', ARGV[i]) end
+redis.call('XACK', KEYS[1], ARGV[1], id)
+redis.call('XDEL', KEYS[1], id)
+redis.call('HDEL', KEYS[2], id)
+return 1
+"""
+
+
+class Committer:
+    """Runs the settle and split steps of one job against Redis."""
+
+    def __init__(self, client: redis.Redis, keys: JobKeys, worker: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.worker = worker
+        self._settle = client.register_script(_SETTLE)
+        self._split = client.register_script(_SPLIT)
+
+    def settle(self, settlement: Settlement) -> SettleResult:
+        """Commit a part (if any), its dead letters and the acknowledgement of its entries, atomically."""
+        part = settlement.part
+        entry = b""
+        if part is not None:
+            entry = msgspec.json.encode(PartEntry(
+                name=part.name, rows=part.rows, tokens=settlement.tokens, bytes=part.bytes,
+                entries=settlement.entries, seqs=settlement.seqs, worker=self.worker,
+                committed_at=time.time()))
+        args: list[Any] = [
+            GROUP, part.name if part else "", entry, part.rows if part else 0, settlement.tokens,
+            settlement.dead_docs, settlement.dead_entries, len(settlement.entries), len(settlement.dead),
+            *settlement.entries, *(deadletter.encode(d) for d in settlement.dead),
+        ]
+        reply = self._settle(keys=[self.keys.stream, self.keys.manifest, self.keys.stats, self.keys.dead,
+                                   self.keys.failures], args=args)
+        kind = _text(reply[0])
+        if kind == "gone":
+            return SettleResult(Outcome.GONE, tuple(_text(x) for x in reply[2:]))
+        return SettleResult(Outcome(kind), (), int(reply[1]))
+
+    def split(self, entry_id: str, payloads: Sequence[bytes]) -> bool:
+        """Replace a pending entry by new entries (halves of its batch), atomically; False if gone."""
+        return bool(self._split(keys=[self.keys.stream, self.keys.failures],
+                                args=[GROUP, entry_id, *payloads]))
+
+
+def manifest_entries(client: redis.Redis, keys: JobKeys) -> dict[str, PartEntry]:
+    """Every committed part of the job, by name."""
+    raw = client.hgetall(keys.manifest)
+    return {_text(k): msgspec.json.decode(v, type=PartEntry) for k, v in raw.items()}
+
+
+@dataclass
+class Reconciliation:
+    """What `reconcile` found and did."""
+
+    parts: dict[str, PartEntry]
+    rolled_forward: list[str] = field(default_factory=list)
+    orphans_removed: list[str] = field(default_factory=list)
+    staged_removed: list[str] = field(default_factory=list)
+    staged_kept: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_workers: set[str],
+              finished: bool = False) -> Reconciliation:
+    """Bring the directory in line with the manifest: roll committed parts forward, remove orphans.
+
+    The directory is listed BEFORE the manifest is read: a part visible at listing time was renamed
+    after its commit, so the later manifest read includes it. Staged orphans of live workers are
+    kept (they may be about to commit) unless the job is `finished`.
+    """
+    visible, staged = output.part_names(), output.staged_names()
+    parts = manifest_entries(client, keys)
+    report = Reconciliation(parts=parts)
+    for name in sorted(parts):
+        if name in visible:
+            continue
+        if name in staged:
+            output.publish(name)
+            report.rolled_forward.append(name)
+        elif not output.final(name).exists():
+            report.missing.append(name)
+    for name in sorted(visible - parts.keys()):
+        with contextlib.suppress(FileNotFoundError):
+            output.final(name).unlink()
+        report.orphans_removed.append(name)
+    for name in sorted(staged - parts.keys()):
+        if finished or part_writer(name) not in live_workers:
+            output.discard(name)
+            report.staged_removed.append(name)
+        else:
+            report.staged_kept.append(name)
+    if report.orphans_removed or report.staged_removed:
+        output.sync_dir()
+    return report
+
+
+def write_manifest_file(output: OutputDir, job: str, parts: dict[str, PartEntry], *, complete: bool,
+                        extra: dict[str, Any]) -> None:
+    """Write `_manifest.json`, so the output directory describes itself without Redis."""
+    output.write_json(MANIFEST_FILE, {
+        "job": job,
+        "complete": complete,
+        "documents": sum(p.rows for p in parts.values()),
+        "parts": [{"file": output.final(name).name, "rows": p.rows, "bytes": p.bytes, "tokens": p.tokens}
+                  for name, p in sorted(parts.items())],
+        "updated_at": time.time(),
+        **extra,
+    })
+
+
+def part_name(counter: int, worker: str) -> str:
+    """A part's name: unique per worker process and window (`part-<n>-<worker>`)."""
+    return f"part-{counter:06d}-{worker}"
+
+
+def part_writer(name: str) -> str:
+    """The worker id inside a part name."""
+    return name.split("-", 2)[2] if name.count("-") >= 2 else ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

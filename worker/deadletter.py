@@ -1,0 +1,146 @@
+"""Dead letters: documents or messages that cannot be embedded, kept with their reason, replayable.
+
+A dead letter lands in the stream `embedq:{job}:dead` in the same atomic step that acknowledges its
+batch (see commit.py), so a document is never both lost and unaccounted. `replay` puts dead
+documents back into the batch stream after a fix, again in one atomic step per letter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+import redis
+
+from embedq.keys import JobKeys
+from embedq.protocol import PAYLOAD_FIELD, SCHEMA_VERSION, BatchMessage, DocId, encode_batch
+
+DEAD_FIELD = b"d"
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """Why some documents (or a whole unreadable message) were set aside."""
+
+    job: str
+    entry_id: str
+    seq: int | None
+    pos: int | None
+    doc_ids: list[DocId]
+    reason: str
+    error: str
+    worker: str
+    deliveries: int = 0
+    failures: int = 0
+    failed_at: float = 0.0
+    payload: bytes = b""
+    replayable: bool = True
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
+def encode(letter: DeadLetter) -> bytes:
+    return _encoder.encode(letter)
+
+
+def decode(raw: bytes) -> DeadLetter:
+    return _decoder.decode(raw)
+
+
+def for_documents(message: BatchMessage, rows: Sequence[int], *, entry_id: str, reason: str, error: str,
+                  worker: str, deliveries: int = 0, failures: int = 0) -> DeadLetter:
+    """A replayable dead letter holding `rows` of `message` (the payload is those documents alone)."""
+    payload = encode_batch(subset(message, rows))
+    return DeadLetter(job=message.job, entry_id=entry_id, seq=message.seq, pos=message.pos,
+                      doc_ids=[message.ids[i] for i in rows], reason=reason, error=error, worker=worker,
+                      deliveries=deliveries, failures=failures, failed_at=time.time(), payload=payload)
+
+
+def for_unreadable(job: str, entry_id: str, raw: bytes, *, reason: str, error: str, worker: str,
+                   deliveries: int = 0, max_payload: int = 1 << 20) -> DeadLetter:
+    """A dead letter for a message that could not be decoded; its raw bytes are kept (up to a limit)."""
+    return DeadLetter(job=job, entry_id=entry_id, seq=None, pos=None, doc_ids=[], reason=reason,
+                      error=error, worker=worker, deliveries=deliveries, failed_at=time.time(),
+                      payload=raw[:max_payload], replayable=False)
+
+
+def subset(message: BatchMessage, rows: Sequence[int]) -> BatchMessage:
+    """The same batch holding only `rows`, in the given order (token arrays sliced accordingly)."""
+    ids = [message.ids[i] for i in rows]
+    if message.texts is not None:
+        return msgspec.structs.replace(message, ids=ids, texts=[message.texts[i] for i in rows])
+    import numpy as np
+
+    tokens, lengths, truncated = message.token_arrays()
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    index = np.asarray(rows, dtype=np.int64)
+    pieces = [tokens[offsets[i]:offsets[i + 1]] for i in index]
+    return msgspec.structs.replace(
+        message, ids=ids,
+        tokens=np.concatenate(pieces).astype("<i4").tobytes() if pieces else b"",
+        lengths=lengths[index].astype("<i4").tobytes(),
+        truncated=truncated[index].astype(np.uint8).tobytes(),
+    )
+
+
+@dataclass(frozen=True)
+class DeadEntry:
+    """A dead letter as stored: its id in the dead stream and the letter."""
+
+    dead_id: str
+    letter: DeadLetter
+
+
+def list_dead(client: redis.Redis, keys: JobKeys, *, count: int | None = None,
+              ids: Iterable[str] | None = None) -> list[DeadEntry]:
+    """Dead letters of a job, oldest first (all, the first `count`, or the given dead-stream ids)."""
+    if ids is not None:
+        entries = []
+        for dead_id in ids:
+            entries.extend(client.xrange(keys.dead, dead_id, dead_id))
+    else:
+        entries = client.xrange(keys.dead, count=count)
+    out = []
+    for dead_id, fields in entries:
+        raw = fields.get(DEAD_FIELD)
+        if raw is not None:
+            out.append(DeadEntry(dead_id.decode() if isinstance(dead_id, bytes) else dead_id, decode(raw)))
+    return out
+
+
+_REPLAY = f"""
+-- KEYS: 1 dead stream, 2 batch stream, 3 stats.  ARGV: 1 dead id, 2 payload, 3 documents
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', '{PAYLOAD_FIELD.decode()}', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'docs_dead', -tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[3], 'docs_replayed', tonumber(ARGV[3]))
+return 1
+"""
+
+
+def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry]) -> tuple[int, list[str]]:
+    """Put replayable dead letters back into the batch stream; returns (documents replayed, skipped ids).
+
+    Each letter moves in one atomic step (XADD to the batches, XDEL from the dead stream), so a
+    crash during replay neither loses nor doubles a document.
+    """
+    script = client.register_script(_REPLAY)
+    replayed, skipped = 0, []
+    for entry in entries:
+        letter = entry.letter
+        if not letter.replayable:
+            skipped.append(entry.dead_id)
+            continue
+        message = msgspec.msgpack.decode(letter.payload, type=BatchMessage)
+        if message.v != SCHEMA_VERSION:
+            skipped.append(entry.dead_id)
+            continue
+        moved = script(keys=[keys.dead, keys.stream, keys.stats],
+                       args=[entry.dead_id, encode_batch(message), len(message.ids)])
+        if moved:
+            replayed += len(message.ids)
+    return replayed, skipped

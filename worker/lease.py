@@ -1,0 +1,124 @@
+"""A worker's lease: a heartbeat that keeps its in-flight entries from being reclaimed while it works.
+
+Every third of the lease the heartbeat renews the worker's lease key (alive, with a TTL of the
+lease) and resets the idle time of the entries it holds. It does so only while the worker makes
+progress: a worker stuck for longer than the lease stops renewing, so a live worker takes its
+entries over (XAUTOCLAIM) instead of waiting for it forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from embedq.worker.consumer import StreamConsumer
+
+from embedq.keys import JobKeys
+
+log = logging.getLogger("embedq.worker")
+
+
+class InFlight:
+    """The entry ids this worker holds (read and not yet settled), shared between threads."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, ids: list[str]) -> None:
+        with self._lock:
+            self._ids.update(ids)
+
+    def discard(self, ids: list[str]) -> None:
+        with self._lock:
+            self._ids.difference_update(ids)
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self._ids)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+
+class Lease:
+    """The heartbeat thread of one worker."""
+
+    def __init__(self, client: redis.Redis, keys: JobKeys, worker: str, consumer: StreamConsumer,
+                 in_flight: InFlight, lease_seconds: float, status: Callable[[], dict[str, Any]]) -> None:
+        self.client = client
+        self.keys = keys
+        self.worker = worker
+        self.consumer = consumer
+        self.in_flight = in_flight
+        self.lease_seconds = lease_seconds
+        self.status = status
+        self._last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedq-lease", daemon=True)
+
+    def progressed(self) -> None:
+        """Called by the worker whenever it finishes a step; proves it is not stuck."""
+        self._last_progress = time.monotonic()
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and drop the lease key, so status shows the worker gone at once."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(self.keys.worker_lease(self.worker))
+            pipe.hdel(self.keys.workers, self.worker)
+            pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def beat(self) -> None:
+        """Renew the lease once (if the worker is progressing)."""
+        lease_ms = int(self.lease_seconds * 1000)
+        stuck = time.monotonic() - self._last_progress > self.lease_seconds
+        if stuck:
+            log.warning("no progress for %.0f s: letting the lease on %d entries lapse",
+                        time.monotonic() - self._last_progress, len(self.in_flight))
+            return
+        info = {**self.status(), "beat_at": time.time()}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.worker_lease(self.worker), json.dumps(info), px=lease_ms)
+        pipe.hset(self.keys.workers, self.worker, json.dumps(info))
+        pipe.execute()
+        ids = self.in_flight.snapshot()
+        if ids:
+            self.consumer.touch(ids, min_idle_ms=lease_ms // 4)
+
+    def _run(self) -> None:
+        interval = self.lease_seconds / 3
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed (%s); retrying in %.1f s", exc, interval)
+
+
+def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:
+    """Workers whose lease key exists, with their last heartbeat."""
+    registered = client.hkeys(keys.workers)
+    names = [n.decode() if isinstance(n, bytes) else n for n in registered]
+    if not names:
+        return {}
+    values = client.mget([keys.worker_lease(n) for n in names])
+    out = {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
+    stale = [name for name in names if name not in out]
+    if stale:  # workers that died without a clean stop: their lease expired
+        client.hdel(keys.workers, *stale)
+    return out

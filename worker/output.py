@@ -1,0 +1,161 @@
+"""The output directory: where parts are staged, published and listed, and where the manifest lives.
+
+Layout of one job's output directory:
+
+    part-<worker>-<n>.parquet        committed parts (the manifest lists each one)
+    part-<worker>-<n>.parquet.tmp    a part being written, or committed but not yet renamed
+    _manifest.json                   the committed parts, written when the job finishes or is verified
+    _embedq.json                     which job owns this directory
+
+Staging names end in `.tmp`, which no `*.parquet` or `**/*.parquet` glob matches (DuckDB, polars
+and pyarrow readers all skip them), so a reader sees a part only after its commit (contract 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedq.errors import OutputError
+
+PART_SUFFIX = ".parquet"
+STAGING_SUFFIX = ".parquet.tmp"
+MANIFEST_FILE = "_manifest.json"
+OWNER_FILE = "_embedq.json"
+
+
+def describe_os_error(exc: OSError, path: Path) -> str:
+    """An actionable sentence for a failed write under the output directory."""
+    if exc.errno == errno.ENOSPC:
+        return f"The disk holding {path} is full ({exc.strerror}). Free space or point --out elsewhere."
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"The output directory {path} is not writable ({exc.strerror}). Fix its permissions or "
+                "mount, or point --out at a writable directory.")
+    if exc.errno == errno.EDQUOT:
+        return f"The disk quota for {path} is exhausted ({exc.strerror})."
+    return f"Writing under {path} failed: {exc}"
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """A local output directory; `open_output` creates and checks it."""
+
+    path: Path
+
+    def staging(self, name: str) -> Path:
+        return self.path / (name + STAGING_SUFFIX)
+
+    def final(self, name: str) -> Path:
+        return self.path / (name + PART_SUFFIX)
+
+    def claim(self, job: str) -> None:
+        """Mark this directory as `job`'s; refuse a directory another job already writes to."""
+        owner = self.path / OWNER_FILE
+        if owner.exists():
+            try:
+                existing = json.loads(owner.read_text(encoding="utf-8")).get("job")
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{owner} is unreadable ({exc}); remove it if the directory is yours.") from exc
+            if existing != job:
+                raise OutputError(
+                    f"Output directory {self.path} belongs to job {existing!r}, not {job!r}. "
+                    "Use one output directory per job."
+                )
+            return
+        self.write_json(OWNER_FILE, {"job": job})
+
+    def publish(self, name: str) -> None:
+        """Make a committed part visible: rename its staging file and make the rename durable."""
+        staging, final = self.staging(name), self.final(name)
+        try:
+            os.replace(staging, final)
+        except FileNotFoundError:
+            if final.exists():  # renamed already (a retried publish, or recovery got there first)
+                return
+            raise
+        self.sync_dir()
+
+    def discard(self, name: str) -> None:
+        """Remove a part that will never be committed (its batches were committed elsewhere)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.staging(name).unlink()
+
+    def sync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def part_names(self) -> set[str]:
+        """Names of visible parts (`*.parquet`)."""
+        return {p.name[: -len(PART_SUFFIX)] for p in self.path.glob("*" + PART_SUFFIX) if p.is_file()}
+
+    def staged_names(self) -> set[str]:
+        """Names of staged parts (`*.parquet.tmp`)."""
+        return {p.name[: -len(STAGING_SUFFIX)] for p in self.path.glob("*" + STAGING_SUFFIX) if p.is_file()}
+
+    def write_json(self, filename: str, data: Any) -> None:
+        """Write a small JSON file atomically (temporary name, fsync, rename, fsync the directory)."""
+        target = self.path / filename
+        temp = self.path / f".{filename}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with temp.open("w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1, sort_keys=True, default=str)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+            self.sync_dir()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise OutputError(describe_os_error(exc, self.path)) from exc
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.path / MANIFEST_FILE
+        if not path.exists():
+            return None
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path} is unreadable ({exc}); run `embedq verify` to rewrite it.") from exc
+        return data
+
+
+def open_output(location: str | os.PathLike[str], *, create: bool = True) -> OutputDir:
+    """The output directory at `location`, created if asked, checked to accept durable writes."""
+    text = os.fspath(location)
+    if "://" in text and not text.startswith("file://"):
+        raise OutputError(
+            f"Output location {text!r} is a remote URI; this version writes to local directories "
+            "(mount the bucket, or write locally and upload)."
+        )
+    path = Path(text.removeprefix("file://")).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"Output location {path} exists and is not a directory.")
+    if not path.exists():
+        if not create:
+            raise OutputError(f"Output directory {path} does not exist.")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, path)) from exc
+    probe = path / f".embedq-probe-{uuid.uuid4().hex[:8]}"
+    if create:
+        try:
+            with probe.open("wb") as handle:
+                handle.write(b"embedq")
+                handle.flush()
+                os.fsync(handle.fileno())
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            raise OutputError(describe_os_error(exc, path)) from exc
+    return OutputDir(path)

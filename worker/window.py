@@ -1,0 +1,157 @@
+"""A window: the messages a worker embeds together, sorts by length and writes as one part.
+
+`assemble` decodes and validates deliveries (unreadable ones and unusable documents become dead
+letters with their reason), `tokenize` turns texts into ids (or takes the producer's ids), and the
+result carries everything the engine stage and the commit stage need. Pure data, no Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from embedq.worker import deadletter
+from embedq.worker.consumer import Delivery
+
+from embedq.errors import ProtocolError
+from embedq.protocol import BatchMessage, DocId, Limits, decode_batch
+from embedq.tokenization import TokenizedDocs
+
+
+@dataclass
+class Window:
+    """Documents of several stream entries, prepared for the engine.
+
+    `entries[k]` is the stream entry of `messages[k]`; document i of the window is row
+    `doc_row[i]` of message `doc_msg[i]`. Dead letters found while preparing ride along and are
+    committed with the window's part.
+    """
+
+    entries: list[str]
+    messages: list[BatchMessage]
+    deliveries: list[int]
+    doc_ids: list[DocId] = field(default_factory=list)
+    doc_msg: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    doc_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    tokens: TokenizedDocs = field(default_factory=lambda: TokenizedDocs.concat([]))
+    dead: list[deadletter.DeadLetter] = field(default_factory=list)
+    dead_entries: list[str] = field(default_factory=list)  # entries dead-lettered whole
+    embeddings: np.ndarray | None = None
+
+    @property
+    def all_entries(self) -> list[str]:
+        """Every entry this window settles: those with documents and those dead-lettered whole."""
+        return self.entries + self.dead_entries
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+
+@dataclass(frozen=True)
+class DocumentRules:
+    """Checks applied to each document before it is embedded."""
+
+    limits: Limits
+    allow_empty: bool = False
+    vocab_size: int = 0
+    max_tokens: int = 0
+
+
+def assemble(deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str) -> Window:
+    """Decode and validate deliveries into a window (texts not yet tokenized)."""
+    window = Window(entries=[], messages=[], deliveries=[])
+    for delivery in deliveries:
+        try:
+            if delivery.raw is None:
+                raise ProtocolError("stream entry has no payload field")
+            message = decode_batch(delivery.raw, job=job, limits=rules.limits)
+        except ProtocolError as exc:
+            window.dead.append(deadletter.for_unreadable(
+                job, delivery.entry_id, delivery.raw or b"", reason="malformed message", error=str(exc),
+                worker=worker, deliveries=delivery.deliveries))
+            window.dead_entries.append(delivery.entry_id)
+            continue
+        window.entries.append(delivery.entry_id)
+        window.messages.append(message)
+        window.deliveries.append(delivery.deliveries)
+    return window
+
+
+def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules: DocumentRules,
+             worker: str) -> Window:
+    """Fill the window's documents and token ids; unusable documents become dead letters."""
+    parts: list[TokenizedDocs] = []
+    msg_index: list[np.ndarray] = []
+    row_index: list[np.ndarray] = []
+    for k, message in enumerate(window.messages):
+        if message.texts is not None:
+            keep, problems = _text_problems(message.texts, rules)
+            tokens = encode([message.texts[i] for i in keep]) if keep else TokenizedDocs.concat([])
+        else:
+            tokens_all, lengths, truncated = message.token_arrays()
+            keep, problems = _token_problems(tokens_all, lengths, rules)
+            tokens = _select_tokens(tokens_all, lengths, truncated, keep)
+        for reason, rows in problems.items():
+            window.dead.append(deadletter.for_documents(
+                message, rows, entry_id=window.entries[k], reason=reason, error=reason, worker=worker,
+                deliveries=window.deliveries[k]))
+        parts.append(tokens)
+        msg_index.append(np.full(len(keep), k, dtype=np.int32))
+        row_index.append(np.asarray(keep, dtype=np.int32))
+        window.doc_ids.extend(message.ids[i] for i in keep)
+    window.tokens = TokenizedDocs.concat(parts)
+    window.doc_msg = np.concatenate(msg_index) if msg_index else np.zeros(0, np.int32)
+    window.doc_row = np.concatenate(row_index) if row_index else np.zeros(0, np.int32)
+    return window
+
+
+def _text_problems(texts: list[str], rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:
+    problems: dict[str, list[int]] = {}
+    keep: list[int] = []
+    for i, text in enumerate(texts):
+        if not rules.allow_empty and (not text or text.isspace()):
+            problems.setdefault("empty text", []).append(i)
+        elif _has_surrogates(text):
+            problems.setdefault("invalid UTF-8", []).append(i)
+        else:
+            keep.append(i)
+    return keep, problems
+
+
+def _has_surrogates(text: str) -> bool:
+    # msgpack strings are valid UTF-8, but a lone surrogate can still arrive (escaped JSON
+    # re-encoded); the tokenizer would reject the whole batch on it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _token_problems(tokens: np.ndarray, lengths: np.ndarray, rules: DocumentRules
+                    ) -> tuple[list[int], dict[str, list[int]]]:
+    too_long = lengths > rules.max_tokens if rules.max_tokens > 0 else np.zeros(lengths.shape, bool)
+    out_of_vocab = np.zeros(lengths.shape, bool)
+    if rules.vocab_size > 0 and tokens.size and int(tokens.max()) >= rules.vocab_size:
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+        out_of_vocab = np.add.reduceat((tokens >= rules.vocab_size).astype(np.int64), starts) > 0
+    problems: dict[str, list[int]] = {}
+    if too_long.any():
+        problems[f"more than max_seq_len ({rules.max_tokens}) token ids"] = np.flatnonzero(too_long).tolist()
+    if (out_of_vocab & ~too_long).any():
+        problems[f"token id out of the model's vocabulary ({rules.vocab_size})"] = (
+            np.flatnonzero(out_of_vocab & ~too_long).tolist())
+    return np.flatnonzero(~(too_long | out_of_vocab)).tolist(), problems
+
+
+def _select_tokens(tokens: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
+                   keep: list[int]) -> TokenizedDocs:
+    if len(keep) == lengths.shape[0]:
+        return TokenizedDocs(tokens.astype(np.int32, copy=False), lengths.astype(np.int32, copy=False),
+                             truncated)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    index = np.asarray(keep, dtype=np.int64)
+    pieces = [tokens[offsets[i]:offsets[i + 1]] for i in index]
+    return TokenizedDocs(np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32),
+                         lengths[index].astype(np.int32), truncated[index])

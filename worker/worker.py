@@ -1,0 +1,533 @@
+"""The worker: read batches, embed them, commit parts, exactly once, until the job is done.
+
+Three stages run concurrently, joined by small bounded queues:
+
+    fetch thread     XAUTOCLAIM / XREADGROUP -> decode, validate, tokenize -> Window
+    engine (caller)  bucket by length -> engine, double-buffered -> embeddings
+    commit thread    Parquet part -> fsync -> settle (manifest + dead letters + XACK) -> rename
+
+A first SIGTERM or SIGINT stops reading; what was read is embedded and committed, then the worker
+exits 0. A second signal exits at once: whatever was not committed stays pending in Redis and is
+reclaimed by another worker after the lease, so nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+from embedq.engines.base import Engine
+from embedq.worker import deadletter
+from embedq.worker.commit import Committer, Outcome, Settlement, part_name, reconcile, write_manifest_file
+from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
+from embedq.worker.lease import InFlight, Lease, live_workers
+from embedq.worker.output import OutputDir, describe_os_error
+from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
+from embedq.worker.window import DocumentRules, Window, assemble, tokenize
+from embedq.worker.writer import PartWriter, output_schema, part_metadata
+
+from embedq.connection import retry_redis
+from embedq.errors import EmbedqError, EngineError, OutputError
+from embedq.job import JobRecord, check_model
+from embedq.keys import JobKeys
+from embedq.model import ModelInfo
+from embedq.protocol import BatchMessage, encode_batch
+from embedq.tokenization import TokenizedDocs, Tokenizer
+
+log = logging.getLogger("embedq.worker")
+
+_END = None  # queue sentinel: no more windows
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker reads, retries and stops; see `embedq work --help`."""
+
+    lease_seconds: float = 30.0
+    max_failures: int = 3
+    max_deliveries: int = 5
+    window_docs: int = 16384
+    prefetch: int = 2
+    shutdown_timeout: float = 60.0
+    disk_retry_seconds: float = 300.0
+    redis_retry_seconds: float = 600.0
+    output_dtype: str = "float32"
+    exit_when_done: bool = True
+    idle_exit_seconds: float | None = None  # exit after this long with nothing to do (tests, bench)
+
+
+@dataclass
+class WorkerReport:
+    """What one worker run did."""
+
+    worker: str
+    documents: int = 0
+    tokens: int = 0
+    parts: int = 0
+    dead_documents: int = 0
+    duplicates_dropped: int = 0
+    seconds: float = 0.0
+    job_complete: bool = False
+    stopped_by_signal: bool = False
+    engine: EngineStats = field(default_factory=EngineStats)
+
+
+def new_worker_id() -> str:
+    """host_pid_random: unique per process, readable in status and part names (no '-' inside)."""
+    host = socket.gethostname().split(".")[0].replace("-", "") or "host"
+    return f"{host[:20]}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def job_complete(client: redis.Redis, keys: JobKeys) -> bool:
+    """The producer has finished and every entry of the stream has been settled."""
+    done = client.hget(keys.producer, "done")
+    return done == b"1" and client.xlen(keys.stream) == 0
+
+
+class Worker:
+    """One worker process's loop over one job."""
+
+    def __init__(self, client: redis.Redis, keys: JobKeys, record: JobRecord, model: ModelInfo,
+                 engine: Engine, output: OutputDir, options: WorkerOptions,
+                 worker_id: str | None = None,
+                 tokenizer_factory: Callable[[ModelInfo], Callable[[list[str]], TokenizedDocs]] | None = None,
+                 ) -> None:
+        check_model(record, model)
+        self.client = client
+        self.keys = keys
+        self.record = record
+        self.model = model
+        self.engine = engine
+        self.output = output
+        self.options = options
+        self.id = worker_id or new_worker_id()
+        self.report = WorkerReport(worker=self.id)
+        self.consumer = StreamConsumer(client, keys, self.id, int(options.lease_seconds * 1000))
+        self.committer = Committer(client, keys, self.id)
+        self.in_flight = InFlight()
+        self.lease = Lease(client, keys, self.id, self.consumer, self.in_flight, options.lease_seconds,
+                           self._status)
+        self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
+                                   vocab_size=model.vocab_size, max_tokens=model.max_seq_len)
+        self._tokenizer_factory = tokenizer_factory or _default_tokenizer
+        self._encode: Callable[[list[str]], TokenizedDocs] | None = None
+        self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
+        self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=2)
+        self._stop_reading = threading.Event()
+        self._abort = threading.Event()
+        self._errors: list[BaseException] = []
+        self._parts = 0
+        self._started = time.monotonic()
+        self._last_log = time.monotonic()
+        self._state = "starting"
+        self._canary: TokenizedDocs | None = None
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def run(self, *, install_signals: bool = True) -> WorkerReport:
+        """Work until the job is complete (or a signal, or a fatal error); returns the report."""
+        ensure_group(self.client, self.keys)
+        self.output.claim(self.keys.job)
+        recovered = reconcile(self.client, self.keys, self.output,
+                              live_workers=set(live_workers(self.client, self.keys)))
+        if recovered.rolled_forward:
+            log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
+        self._encode = self._tokenizer_factory(self.model)
+        self._canary = Tokenizer(self.model.tokenizer_file, self.model.max_seq_len).encode(["embedq canary"])
+        restore = self._install_signals() if install_signals else contextlib.nullcontext()
+        self.lease.start()
+        fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
+        committer = threading.Thread(target=self._guard, args=(self._commit_loop,), name="embedq-commit",
+                                     daemon=True)
+        self._state = "running"
+        with restore:
+            fetcher.start()
+            committer.start()
+            try:
+                self._engine_loop()
+            finally:
+                self._drain(fetcher, committer)
+                self.lease.stop()
+        self.report.seconds = time.monotonic() - self._started
+        if self._errors:
+            raise self._errors[0]
+        if self.report.job_complete:
+            self.finalize()
+        self._log_progress(force=True)
+        return self.report
+
+    def finalize(self) -> None:
+        """Roll committed parts forward, remove orphans and write `_manifest.json` (job complete)."""
+        finished = reconcile(self.client, self.keys, self.output, live_workers=set(), finished=True)
+        write_manifest_file(self.output, self.keys.job, finished.parts, complete=True,
+                            extra=self.record.model_fields())
+
+    def stop(self) -> None:
+        """Stop reading; finish and commit what is in flight (what a first SIGTERM does)."""
+        self._stop_reading.set()
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        reclaim_every = max(1.0, self.options.lease_seconds / 2)
+        next_reclaim = 0.0
+        idle_since: float | None = None
+        per_read = max(1, self.options.window_docs // max(1, self.record.batch_size)) + 1
+        while not self._stop_reading.is_set() and not self._abort.is_set():
+            deliveries: list[Delivery] = []
+            if time.monotonic() >= next_reclaim:
+                deliveries += self._redis(lambda: self.consumer.reclaim(per_read)[0], "reclaim batches")
+                next_reclaim = time.monotonic() + reclaim_every
+            docs = 0
+            block = 200
+            while len(deliveries) < per_read and not self._stop_reading.is_set():
+                want = per_read - len(deliveries)
+                got = self._redis(lambda b=block, w=want: self.consumer.read_new(w, b), "read batches")
+                if not got:
+                    break
+                deliveries += got
+                docs += len(got) * self.record.batch_size
+                if docs >= self.options.window_docs:
+                    break
+                block = 20  # a window fills from what is already there; do not wait long for more
+            if not deliveries:
+                idle_since = idle_since or time.monotonic()
+                if self._finished_or_idle(idle_since):
+                    break
+                continue
+            idle_since = None
+            self.in_flight.add([d.entry_id for d in deliveries])
+            window = self._prepare(deliveries)
+            self.lease.progressed()
+            if window is not None:
+                self._put(self._ready, window)
+        self._put(self._ready, _END)
+
+    def _finished_or_idle(self, idle_since: float) -> bool:
+        if len(self.in_flight):
+            return False
+        if self.options.exit_when_done and self._redis(lambda: job_complete(self.client, self.keys),
+                                                       "check the job state"):
+            self.report.job_complete = True
+            return True
+        idle_limit = self.options.idle_exit_seconds
+        return idle_limit is not None and time.monotonic() - idle_since > idle_limit
+
+    def _prepare(self, deliveries: list[Delivery]) -> Window | None:
+        """Decode, split poison batches, tokenize. Returns None if nothing is left to embed."""
+        window = assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
+        keep = []
+        for k, entry in enumerate(window.entries):
+            if window.deliveries[k] >= self.options.max_deliveries:
+                self._isolate_crash_poison(entry, window.messages[k], window.deliveries[k], window)
+            else:
+                keep.append(k)
+        if len(keep) != len(window.entries):
+            window.entries = [window.entries[k] for k in keep]
+            window.messages = [window.messages[k] for k in keep]
+            window.deliveries = [window.deliveries[k] for k in keep]
+        assert self._encode is not None
+        return tokenize(window, self._encode, self.rules, self.id)
+
+    def _isolate_crash_poison(self, entry: str, message: BatchMessage, deliveries: int, window: Window) -> None:
+        """A batch delivered max_deliveries times without being settled kills or stalls its workers.
+
+        Split it in halves (new entries, fresh delivery counts) so the culprit is found in a few
+        rounds; a single document that still does so is dead-lettered with the delivery count.
+        """
+        n = len(message.ids)
+        if n > 1:
+            half = n // 2
+            payloads = [encode_batch(deadletter.subset(message, range(0, half))),
+                        encode_batch(deadletter.subset(message, range(half, n)))]
+            self._redis(lambda: self.committer.split(entry, payloads), "split a poison batch")
+            self.in_flight.discard([entry])
+            log.warning("batch %s (seq %d) was delivered %d times without being committed: split it in two",
+                        entry, message.seq, deliveries)
+            return
+        window.dead.append(deadletter.for_documents(
+            message, [0], entry_id=entry, reason="worker died processing it",
+            error=f"delivered {deliveries} times; every worker that took it died or stalled before committing",
+            worker=self.id, deliveries=deliveries))
+        window.dead_entries.append(entry)
+
+    def _engine_loop(self) -> None:
+        while not self._abort.is_set():
+            try:
+                window = self._ready.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if window is _END:
+                self._put(self._to_commit, _END)
+                return
+            if len(window):
+                self._state = "embedding"
+                self._embed(window)
+            self.lease.progressed()
+            self._put(self._to_commit, window)
+
+    def _embed(self, window: Window) -> None:
+        pad = self.model.pad_token_id
+        try:
+            window.embeddings = embed_documents(self.engine, window.tokens, pad, stats=self.report.engine)
+        except Exception as exc:  # a batch-level failure: find the documents at fault
+            log.warning("embedding a window of %d documents failed (%s); isolating the cause", len(window), exc)
+            window.embeddings = self._embed_isolated(window, exc)
+        bad = non_finite_rows(window.embeddings)
+        if bad.size:
+            self._dead_documents(window, bad, "non-finite embedding",
+                                 "the model produced NaN or infinity for this document")
+
+    def _embed_isolated(self, window: Window, first_error: Exception) -> np.ndarray:
+        """Embed message by message, then document by document, retrying up to max_failures times.
+
+        Documents that still fail are dead-lettered; but if the engine fails even on a canary
+        document it is the engine, not the data: stop the worker rather than dead-letter a corpus.
+        """
+        pad = self.model.pad_token_id
+        out = np.full((len(window), self.engine.dim), np.nan, dtype=np.float32)
+        failed: dict[int, str] = {}
+        for k, entry in enumerate(window.entries):
+            rows = np.flatnonzero(window.doc_msg == k)
+            if not rows.size:
+                continue
+            whole = self._attempt(lambda r=rows: embed_documents(self.engine, window.tokens, pad, indices=r),
+                                  entry=entry)
+            if isinstance(whole, np.ndarray):
+                out[rows] = whole
+                continue
+            for row in rows:
+                result = self._attempt(
+                    lambda r=row: embed_documents(self.engine, window.tokens, pad, indices=np.array([r])))
+                if isinstance(result, np.ndarray):
+                    out[row] = result[0]
+                else:
+                    failed[int(row)] = result
+        if failed:
+            canary = self._attempt(lambda: embed_documents(self.engine, self._canary_docs(), pad), tries=1)
+            if not isinstance(canary, np.ndarray):
+                raise EngineError(f"the engine fails even on a canary document ({canary}); first error: "
+                                  f"{first_error}. Stopping instead of dead-lettering the job.")
+            rows = np.array(sorted(failed), dtype=np.int64)
+            self._dead_documents(window, rows, "embedding failed",
+                                 "; ".join(sorted(set(failed.values())))[:2000],
+                                 failures=self.options.max_failures)
+        return out
+
+    def _attempt(self, run: Callable[[], np.ndarray], *, entry: str | None = None,
+                 tries: int | None = None) -> np.ndarray | str:
+        error = ""
+        for _ in range(tries or self.options.max_failures):
+            try:
+                return run()
+            except EmbedqError:
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if entry is not None:
+                    self._redis(lambda: self.client.hincrby(self.keys.failures, entry, 1), "count a failure")
+        return error
+
+    def _canary_docs(self) -> TokenizedDocs:
+        assert self._canary is not None
+        return self._canary
+
+    def _dead_documents(self, window: Window, rows: np.ndarray, reason: str, error: str,
+                        failures: int = 0) -> None:
+        """Move documents `rows` of the window to dead letters (grouped per message)."""
+        for k in np.unique(window.doc_msg[rows]):
+            message_rows = window.doc_row[rows[window.doc_msg[rows] == k]].tolist()
+            window.dead.append(deadletter.for_documents(
+                window.messages[k], message_rows, entry_id=window.entries[k], reason=reason, error=error,
+                worker=self.id, deliveries=window.deliveries[k], failures=failures))
+        keep = np.ones(len(window), dtype=bool)
+        keep[rows] = False
+        _keep_documents(window, keep)
+
+    def _commit_loop(self) -> None:
+        schema = output_schema(self.record.id_type, self.model.dim, self.options.output_dtype, part_metadata(
+            self.keys.job, self.model.describe(), self.engine.name, self.engine.config.precision))
+        writer = PartWriter(self.output, schema)
+        while not self._abort.is_set():
+            try:
+                window = self._to_commit.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if window is _END:
+                return
+            self._state = "committing"
+            self._commit(writer, window)
+            self.lease.progressed()
+            self._log_progress()
+
+    def _commit(self, writer: PartWriter, window: Window) -> None:
+        while window.all_entries:
+            entries = window.all_entries
+            self._parts += 1
+            name = part_name(self._parts, self.id)
+            staged = self._stage(writer, name, window) if len(window) else None
+            settlement = Settlement(
+                entries=entries, part=staged, seqs=sorted({m.seq for m in window.messages}),
+                tokens=int(window.tokens.lengths.sum()), dead=window.dead,
+                dead_entries=len(window.dead_entries))
+            result = self._redis(lambda s=settlement: self.committer.settle(s), "commit a part")
+            if result.outcome is Outcome.GONE:
+                # Another worker settled some of these batches (this one lost its lease on them):
+                # drop them from the part and commit the rest under a new name.
+                if staged is not None:
+                    self.output.discard(name)
+                before = len(window)
+                _drop_entries(window, set(result.gone))
+                self.report.duplicates_dropped += before - len(window)
+                self.in_flight.discard(list(result.gone))
+                log.info("%d batch(es) were committed by another worker; dropped %d duplicate documents",
+                         len(result.gone), before - len(window))
+                if not window.all_entries:
+                    return
+                continue
+            if staged is not None:
+                self.output.publish(name)
+                self.report.parts += 1
+            self.report.documents += len(window)
+            self.report.tokens += int(window.tokens.lengths.sum())
+            self.report.dead_documents += settlement.dead_docs
+            self.in_flight.discard(entries)
+            return
+
+    def _stage(self, writer: PartWriter, name: str, window: Window) -> Any:
+        assert window.embeddings is not None
+        table = writer.table(window.doc_ids, window.embeddings, window.tokens.lengths, window.tokens.truncated)
+        deadline = time.monotonic() + self.options.disk_retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                return writer.stage(name, table)
+            except OSError as exc:
+                message = describe_os_error(exc, self.output.path)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or time.monotonic() > deadline \
+                        or self._abort.is_set():
+                    raise OutputError(message + " Nothing was acknowledged; the batches will be retried.") from exc
+                log.warning("%s Pausing %.0f s and retrying (gives up after %.0f s).", message, delay,
+                            self.options.disk_retry_seconds)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _redis(self, call: Callable[[], Any], what: str) -> Any:
+        return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what,
+                           log=log.warning, stopping=self._abort.is_set)
+
+    def _put(self, target: queue.Queue[Window | None], item: Window | None) -> None:
+        while not self._abort.is_set():
+            try:
+                target.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _guard(self, stage: Callable[[], None]) -> None:
+        try:
+            stage()
+        except BaseException as exc:
+            log.error("worker stage %s failed: %s", threading.current_thread().name, exc)
+            self._errors.append(exc)
+            self._abort.set()
+
+    def _drain(self, fetcher: threading.Thread, committer: threading.Thread) -> None:
+        self._stop_reading.set()
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        for thread in (fetcher, committer):
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if fetcher.is_alive() or committer.is_alive():
+            log.warning("shutdown timeout (%.0f s) reached; uncommitted batches will be reclaimed by "
+                        "another worker", self.options.shutdown_timeout)
+            self._abort.set()
+        leftover = self.in_flight.snapshot()
+        if leftover:
+            with contextlib.suppress(redis.RedisError):
+                self.consumer.release(leftover)  # let another worker take them now, not after the lease
+
+    @contextlib.contextmanager
+    def _install_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, _frame: Any) -> None:
+            if self._stop_reading.is_set() and self.report.stopped_by_signal:
+                log.warning("second signal: exiting now; uncommitted batches will be reclaimed")
+                os._exit(130)
+            log.warning("%s: finishing and committing what is in flight (send again to exit at once)",
+                        signal.Signals(signum).name)
+            self.report.stopped_by_signal = True
+            self._stop_reading.set()
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _status(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self._started)
+        return {"host": socket.gethostname(), "pid": os.getpid(), "state": self._state,
+                "backend": self.engine.name, "device": self.engine.config.device,
+                "precision": self.engine.config.precision, "documents": self.report.documents,
+                "tokens": self.report.tokens, "docs_per_s": self.report.documents / elapsed,
+                "tokens_per_s": self.report.tokens / elapsed, "in_flight": len(self.in_flight)}
+
+    def _log_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_log < 10:
+            return
+        self._last_log = now
+        status = self._status()
+        log.info("worker %s: %d documents, %d parts, %.0f docs/s, %.0f tokens/s, %d dead-lettered",
+                 self.id, self.report.documents, self.report.parts, status["docs_per_s"],
+                 status["tokens_per_s"], self.report.dead_documents)
+
+
+def _default_tokenizer(model: ModelInfo) -> Callable[[list[str]], TokenizedDocs]:
+    return Tokenizer(model.tokenizer_file, model.max_seq_len).encode
+
+
+def _keep_documents(window: Window, keep: np.ndarray) -> None:
+    """Restrict the window's documents (and their tokens and embeddings) to the `keep` mask."""
+    token_mask = np.repeat(keep, window.tokens.lengths)
+    window.tokens = TokenizedDocs(window.tokens.tokens[token_mask], window.tokens.lengths[keep],
+                                  window.tokens.truncated[keep])
+    window.doc_ids = [d for d, k in zip(window.doc_ids, keep, strict=True) if k]
+    window.doc_msg = window.doc_msg[keep]
+    window.doc_row = window.doc_row[keep]
+    if window.embeddings is not None:
+        window.embeddings = window.embeddings[keep]
+
+
+def _drop_entries(window: Window, gone: set[str]) -> None:
+    """Remove everything that belongs to entries settled elsewhere."""
+    keep_msgs = [k for k, e in enumerate(window.entries) if e not in gone]
+    keep_docs = np.isin(window.doc_msg, np.array(keep_msgs, dtype=np.int32))
+    _keep_documents(window, keep_docs)
+    remap = np.full(len(window.entries), -1, dtype=np.int32)
+    remap[keep_msgs] = np.arange(len(keep_msgs), dtype=np.int32)
+    window.doc_msg = remap[window.doc_msg]
+    window.entries = [window.entries[k] for k in keep_msgs]
+    window.messages = [window.messages[k] for k in keep_msgs]
+    window.deliveries = [window.deliveries[k] for k in keep_msgs]
+    window.dead = [d for d in window.dead if d.entry_id not in gone]
+    window.dead_entries = [e for e in window.dead_entries if e not in gone]

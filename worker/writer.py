@@ -1,0 +1,107 @@
+"""The Parquet part writer: one part per window, written under its staging name and fsynced.
+
+Schema (contract 5): `id` (string or int64), `embedding` (fixed-size list of float32, or float16 on
+request), `n_tokens` (int32, tokens embedded, special tokens included), `truncated` (bool). File
+metadata records model, digest, dimension, pooling, normalization, max length, backend, precision,
+embedq version and job, under keys `embedq.<name>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from embedq.worker.output import OutputDir
+
+from embedq import __version__
+from embedq.protocol import DocId
+
+METADATA_PREFIX = "embedq."
+
+
+def output_schema(id_type: str, dim: int, dtype: str = "float32",
+                  metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The Arrow schema of every part of a job."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.field("item", value, nullable=False), dim), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+    ]
+    encoded = {f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in (metadata or {}).items()}
+    return pa.schema(fields, metadata=encoded or None)
+
+
+def part_metadata(job: str, model: dict[str, Any], backend: str, precision: str) -> dict[str, Any]:
+    """The file metadata of a job's parts (contract 5)."""
+    return {**model, "backend": backend, "precision": precision, "embedq_version": __version__, "job": job}
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """embedq's file metadata from a part's schema, without the `embedq.` prefix."""
+    raw = schema.metadata or {}
+    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in raw.items()
+            if k.startswith(METADATA_PREFIX.encode())}
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    """A part written and fsynced under its staging name, not yet committed."""
+
+    name: str
+    rows: int
+    bytes: int
+
+
+class PartWriter:
+    """Writes parts of one job into an output directory."""
+
+    def __init__(self, output: OutputDir, schema: pa.Schema) -> None:
+        self.output = output
+        self.schema = schema
+        self._value_type = schema.field("embedding").type.value_type
+        self._dim = schema.field("embedding").type.list_size
+
+    def table(self, ids: Sequence[DocId], embeddings: np.ndarray, n_tokens: np.ndarray,
+              truncated: np.ndarray) -> pa.Table:
+        """The Arrow table of one part; embeddings are `(n, dim)`."""
+        n = len(ids)
+        if embeddings.shape != (n, self._dim):
+            raise ValueError(f"embeddings are {embeddings.shape}, expected ({n}, {self._dim})")
+        values = np.ascontiguousarray(embeddings, dtype=self._value_type.to_pandas_dtype()).reshape(-1)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values, type=self._value_type), self._dim)
+        id_type = self.schema.field("id").type
+        return pa.Table.from_arrays(
+            [pa.array(ids, type=id_type), embedding, pa.array(n_tokens, type=pa.int32()),
+             pa.array(truncated, type=pa.bool_())],
+            schema=self.schema,
+        )
+
+    def stage(self, name: str, table: pa.Table) -> StagedPart:
+        """Write `table` to the staging name and fsync it; the part stays invisible to readers.
+
+        A failed write removes the partial file and re-raises the OSError for the caller to judge.
+        """
+        path = self.output.staging(name)
+        try:
+            with path.open("wb") as handle:
+                # Embeddings barely compress and zstd on them costs more CPU than the GPU leaves;
+                # ids compress well.
+                pq.write_table(table, handle, compression={"id": "zstd", "embedding": "none",
+                                                           "n_tokens": "zstd", "truncated": "zstd"},
+                               use_dictionary=False, write_statistics=["id", "n_tokens"])
+                handle.flush()
+                os.fsync(handle.fileno())
+                size = handle.tell()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return StagedPart(name=name, rows=table.num_rows, bytes=size)
