@@ -28,10 +28,10 @@ from typing import Any
 
 import msgspec
 import redis
-from embedq.worker import deadletter
 from embedq.worker.output import MANIFEST_FILE, OutputDir
 from embedq.worker.writer import StagedPart
 
+from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.protocol import PAYLOAD_FIELD
 

@@ -108,17 +108,3 @@ class Lease:
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (%s); retrying in %.1f s", exc, interval)
-
-
-def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:
-    """Workers whose lease key exists, with their last heartbeat."""
-    registered = client.hkeys(keys.workers)
-    names = [n.decode() if isinstance(n, bytes) else n for n in registered]
-    if not names:
-        return {}
-    values = client.mget([keys.worker_lease(n) for n in names])
-    out = {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
-    stale = [name for name in names if name not in out]
-    if stale:  # workers that died without a clean stop: their lease expired
-        client.hdel(keys.workers, *stale)
-    return out

@@ -30,21 +30,22 @@ from typing import Any
 import numpy as np
 import redis
 from embedq.engines.base import Engine
-from embedq.worker import deadletter
 from embedq.worker.commit import Committer, Outcome, Settlement, part_name, reconcile, write_manifest_file
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
-from embedq.worker.lease import InFlight, Lease, live_workers
+from embedq.worker.lease import InFlight, Lease
 from embedq.worker.output import OutputDir, describe_os_error
 from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
 from embedq.worker.window import DocumentRules, Window, assemble, tokenize
 from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
+from embedq import deadletter
 from embedq.connection import retry_redis
 from embedq.errors import EmbedqError, EngineError, OutputError
 from embedq.job import JobRecord, check_model
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.protocol import BatchMessage, encode_batch
+from embedq.status import live_workers
 from embedq.tokenization import TokenizedDocs, Tokenizer
 
 log = logging.getLogger("embedq.worker")

@@ -1,0 +1,136 @@
+"""A job's state, read from Redis in one round trip: what `embedq status` prints and `run` shows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from embedq import job as job_record
+from embedq.keys import GROUP, JobKeys
+
+
+@dataclass
+class JobStatus:
+    """Counts of one job. Documents: produced = committed + dead-lettered + in the stream."""
+
+    job: str
+    exists: bool
+    model: str = ""
+    source: str = ""
+    documents: int = 0  # in the source
+    produced_documents: int = 0
+    produced_batches: int = 0
+    producer_done: bool = False
+    stream_entries: int = 0  # batches published and not yet settled
+    pending_entries: int = 0  # of those, delivered to a worker and not yet settled
+    committed_documents: int = 0
+    committed_parts: int = 0
+    tokens: int = 0
+    dead_documents: int = 0
+    dead_letters: int = 0
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.producer_done and self.stream_entries == 0
+
+    @property
+    def settled_documents(self) -> int:
+        return self.committed_documents + self.dead_documents
+
+    @property
+    def docs_per_s(self) -> float:
+        return sum(float(w.get("docs_per_s", 0.0)) for w in self.workers.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(float(w.get("tokens_per_s", 0.0)) for w in self.workers.values())
+
+    @property
+    def state(self) -> str:
+        if not self.exists:
+            return "unknown"
+        if self.complete:
+            return "complete"
+        if not self.workers:
+            return "waiting for workers"
+        return "running" if self.producer_done else "producing"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "complete": self.complete, "state": self.state,
+                "docs_per_s": self.docs_per_s, "tokens_per_s": self.tokens_per_s}
+
+
+def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:
+    """Workers whose lease key exists, with their last heartbeat; forgets workers whose lease expired."""
+    names = [n.decode() if isinstance(n, bytes) else n for n in client.hkeys(keys.workers)]
+    if not names:
+        return {}
+    values = client.mget([keys.worker_lease(n) for n in names])
+    alive = {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
+    stale = [name for name in names if name not in alive]
+    if stale:
+        client.hdel(keys.workers, *stale)
+    return alive
+
+
+def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
+    """The job's counts; `exists` is False when no producer has created it."""
+    record = job_record.load(client, keys)
+    if record is None:
+        return JobStatus(job=keys.job, exists=False)
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.producer)
+    pipe.hgetall(keys.stats)
+    pipe.xlen(keys.stream)
+    pipe.xlen(keys.dead)
+    producer, stats, stream_len, dead_len = pipe.execute()
+    try:
+        pending = int(client.xpending(keys.stream, GROUP)["pending"])
+    except redis.ResponseError:  # no group yet: no worker has started
+        pending = 0
+
+    def count(values: dict[bytes, bytes], name: str) -> int:
+        return int(values.get(name.encode(), 0))
+
+    return JobStatus(
+        job=keys.job, exists=True, model=record.model, source=record.source, documents=record.documents,
+        produced_documents=count(producer, "docs"), produced_batches=count(producer, "batches"),
+        producer_done=producer.get(b"done") == b"1", stream_entries=int(stream_len), pending_entries=pending,
+        committed_documents=count(stats, "docs_committed"), committed_parts=count(stats, "parts"),
+        tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"), dead_letters=int(dead_len),
+        workers=live_workers(client, keys),
+    )
+
+
+def render(status: JobStatus) -> str:
+    """The status as aligned lines for a terminal."""
+    if not status.exists:
+        return f"job {status.job}: not found (no producer has created it in this Redis)"
+    rows = [
+        ("job", f"{status.job} ({status.state})"),
+        ("model", status.model),
+        ("source", f"{status.source}, {status.documents:,} documents"),
+        ("produced", f"{status.produced_documents:,} documents in {status.produced_batches:,} batches"
+                     + (" (done)" if status.producer_done else "")),
+        ("in stream", f"{status.stream_entries:,} batches, {status.pending_entries:,} of them being processed"),
+        ("committed", f"{status.committed_documents:,} documents in {status.committed_parts:,} parts, "
+                      f"{status.tokens:,} tokens"),
+        ("dead-lettered", f"{status.dead_documents:,} documents ({status.dead_letters:,} dead letters)"),
+        ("workers alive", str(len(status.workers))),
+        ("throughput", f"{status.docs_per_s:,.0f} documents/s, {status.tokens_per_s:,.0f} tokens/s"),
+    ]
+    for name, info in sorted(status.workers.items()):
+        rows.append((f"  {name}", f"{info.get('state', '?')}, {info.get('backend', '?')} on "
+                                  f"{info.get('device', '?')} {info.get('precision', '')}, "
+                                  f"{int(info.get('documents', 0)):,} documents, "
+                                  f"{float(info.get('docs_per_s', 0)):,.0f} docs/s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def to_json(status: JobStatus) -> str:
+    return json.dumps(status.as_dict(), indent=1, sort_keys=True)

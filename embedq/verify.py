@@ -1,0 +1,205 @@
+"""`embedq verify`: is every source id in the committed output exactly once, with a valid embedding?
+
+Reads only parts the manifest lists (after rolling committed parts forward and removing orphans),
+checks each part's schema, dimension and values, and compares the multiset of output ids with
+the source's ids and the dead letters. Ids are compared as 64-bit hashes, so memory stays at
+about 8 bytes per document; examples of missing or repeated ids are then looked up by hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
+
+from embedq import job as job_record
+from embedq.deadletter import list_dead
+from embedq.errors import VerificationFailed
+from embedq.keys import JobKeys
+from embedq.protocol import DocId
+from embedq.status import live_workers
+from embedq.worker.commit import reconcile, write_manifest_file
+from embedq.worker.output import open_output
+from embedq.worker.writer import read_metadata
+
+MAX_EXAMPLES = 10
+
+
+def hash_ids(ids: Sequence[DocId] | np.ndarray) -> np.ndarray:
+    """64-bit hashes of ids: integers map to themselves, strings to 8 bytes of BLAKE2b."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return ids.astype(np.uint64)
+    out = np.empty(len(ids), dtype=np.uint64)
+    for i, value in enumerate(ids):
+        if isinstance(value, int | np.integer):
+            out[i] = np.uint64(int(value) & 0xFFFFFFFFFFFFFFFF)
+        else:
+            out[i] = int.from_bytes(hashlib.blake2b(str(value).encode("utf-8", "surrogatepass"),
+                                                    digest_size=8).digest(), "little")
+    return out
+
+
+@dataclass
+class Verification:
+    """What verify found; `ok` when nothing is missing, repeated or invalid."""
+
+    job: str
+    source_documents: int = 0
+    output_rows: int = 0
+    parts: int = 0
+    dead_documents: int = 0
+    missing: int = 0
+    duplicated: int = 0
+    unexpected: int = 0
+    dead_and_output: int = 0
+    invalid_values: int = 0
+    problems: list[str] = field(default_factory=list)
+    examples: dict[str, list[DocId]] = field(default_factory=dict)
+    complete: bool = False
+    allow_dead: bool = False
+    rolled_forward: int = 0
+    orphans_removed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        counted_dead = 0 if self.allow_dead else self.dead_documents
+        return not (self.missing or self.duplicated or self.unexpected or self.dead_and_output
+                    or self.invalid_values or self.problems or counted_dead) and self.complete
+
+    def render(self) -> str:
+        lines = [
+            f"job {self.job}: {'OK' if self.ok else 'FAILED'}",
+            f"  source documents   {self.source_documents:,}",
+            f"  output rows        {self.output_rows:,} in {self.parts:,} parts",
+            f"  dead-lettered      {self.dead_documents:,}" + ("" if self.allow_dead or not self.dead_documents
+                                                                else " (not accepted; see --allow-dead-letters)"),
+            f"  missing            {self.missing:,}",
+            f"  duplicated         {self.duplicated:,}",
+            f"  not in the source  {self.unexpected:,}",
+            f"  invalid values     {self.invalid_values:,}",
+        ]
+        if self.dead_and_output:
+            lines.append(f"  both dead-lettered and in the output: {self.dead_and_output:,}")
+        if not self.complete:
+            lines.append("  the job is not complete yet (producer unfinished or batches still in the stream)")
+        if self.rolled_forward or self.orphans_removed:
+            lines.append(f"  repaired: {self.rolled_forward} committed parts renamed, {self.orphans_removed} "
+                         "orphan parts removed")
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  {kind} e.g. {', '.join(map(repr, ids))}" for kind, ids in self.examples.items() if ids]
+        return "\n".join(lines)
+
+    def raise_for_failure(self) -> None:
+        if not self.ok:
+            raise VerificationFailed(f"verification of job {self.job!r} failed (see above)")
+
+
+def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | None = None,
+               allow_dead: bool = False) -> Verification:
+    """Check job `keys.job`'s output in `out` against its source; also writes `_manifest.json`."""
+    from embedq.producer.sources import SourceSpec, open_source
+    from embedq.worker.worker import job_complete
+
+    record = job_record.require(client, keys)
+    result = Verification(job=keys.job, allow_dead=allow_dead)
+    result.complete = job_complete(client, keys)
+    output = open_output(out, create=False)
+    repaired = reconcile(client, keys, output, live_workers=set(live_workers(client, keys)),
+                         finished=result.complete)
+    result.rolled_forward = len(repaired.rolled_forward)
+    result.orphans_removed = len(repaired.orphans_removed)
+    result.problems += [f"committed part {name} is missing from {output.path}" for name in repaired.missing]
+
+    output_hashes = _check_parts(output, repaired.parts, record, result)
+    dead_ids = [doc_id for entry in list_dead(client, keys) for doc_id in entry.letter.doc_ids]
+    result.dead_documents = len(dead_ids)
+    dead_hashes = hash_ids(dead_ids)
+
+    spec = dict(record.source_spec)
+    if source is not None:
+        spec["path"] = source
+    if spec.get("path") in (None, "-"):
+        result.problems.append("the job's source was stdin: pass --source FILE to compare ids with it")
+        source_hashes = np.unique(np.concatenate([output_hashes, dead_hashes]))
+        src = None
+    else:
+        src = open_source(SourceSpec(**spec))
+        source_hashes = np.concatenate([hash_ids(chunk.ids) for chunk in src.chunks(chunk_size=65536)] or
+                                       [np.zeros(0, np.uint64)])
+    result.source_documents = int(source_hashes.shape[0])
+    _compare(source_hashes, output_hashes, dead_hashes, result)
+    if src is not None and (result.missing or result.duplicated or result.unexpected):
+        _examples(src, source_hashes, output_hashes, dead_hashes, result)
+        src.close()
+    elif src is not None:
+        src.close()
+    write_manifest_file(output, keys.job, repaired.parts, complete=result.complete and result.ok,
+                        extra={**record.model_fields(), "verified": result.ok})
+    return result
+
+
+def _check_parts(output, parts, record: job_record.JobRecord, result: Verification) -> np.ndarray:  # type: ignore[no-untyped-def]
+    hashes = []
+    for name, entry in sorted(parts.items()):
+        path = output.final(name)
+        if not path.exists():
+            continue
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            result.problems.append(f"{path.name} cannot be read: {exc}")
+            continue
+        result.parts += 1
+        meta = read_metadata(table.schema)
+        embedding = table.schema.field("embedding").type if "embedding" in table.schema.names else None
+        if not isinstance(embedding, pa.FixedSizeListType) or embedding.list_size != record.dimension:
+            result.problems.append(f"{path.name}: embedding column is {embedding}, expected {record.dimension} values")
+            continue
+        if meta.get("job") != record.job or meta.get("model_digest") != record.model_digest:
+            result.problems.append(f"{path.name}: metadata names job {meta.get('job')!r} / model "
+                                   f"{meta.get('model_digest')!r}, not this job's")
+        if table.num_rows != entry.rows:
+            result.problems.append(f"{path.name}: {table.num_rows} rows, the manifest says {entry.rows}")
+        values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        finite = np.isfinite(values.reshape(table.num_rows, record.dimension)).all(axis=1)
+        result.invalid_values += int((~finite).sum())
+        result.output_rows += table.num_rows
+        ids = table.column("id")
+        hashes.append(hash_ids(ids.to_numpy() if pa.types.is_integer(ids.type) else ids.to_pylist()))
+        if pc.any(pc.is_null(ids)).as_py():
+            result.problems.append(f"{path.name}: null ids")
+    return np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+
+
+def _compare(source: np.ndarray, output: np.ndarray, dead: np.ndarray, result: Verification) -> None:
+    out_unique, out_counts = np.unique(output, return_counts=True)
+    result.duplicated = int((out_counts - 1).sum())
+    src_unique = np.unique(source)
+    accounted = np.unique(np.concatenate([out_unique, dead]))
+    result.missing = int(np.setdiff1d(src_unique, accounted, assume_unique=True).shape[0])
+    result.unexpected = int(np.setdiff1d(out_unique, src_unique, assume_unique=True).shape[0])
+    result.dead_and_output = int(np.intersect1d(out_unique, np.unique(dead), assume_unique=True).shape[0])
+
+
+def _examples(src, source: np.ndarray, output: np.ndarray, dead: np.ndarray,  # type: ignore[no-untyped-def]
+              result: Verification) -> None:
+    out_unique, out_counts = np.unique(output, return_counts=True)
+    wanted = {
+        "missing": np.setdiff1d(np.unique(source), np.concatenate([out_unique, dead]))[:MAX_EXAMPLES],
+        "duplicated": out_unique[out_counts > 1][:MAX_EXAMPLES],
+    }
+    found: dict[str, list[DocId]] = {k: [] for k in wanted}
+    for chunk in src.chunks(chunk_size=65536):
+        hashes = hash_ids(chunk.ids)
+        for kind, targets in wanted.items():
+            for i in np.flatnonzero(np.isin(hashes, targets)):
+                if len(found[kind]) < MAX_EXAMPLES:
+                    found[kind].append(chunk.ids[i])
+    result.examples.update(found)
+

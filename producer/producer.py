@@ -1,0 +1,202 @@
+"""The producer: scan the source, create (or resume) the job, publish every batch once, finish.
+
+    scan      ids only: count, id type, duplicate ids, fingerprint (refuses duplicates by default)
+    job       create the job record, or check that a resumed job is the same job
+    publish   from the cursor in Redis to the end of the source, waiting on backpressure
+    finish    mark the job produced, so workers know when it is complete
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+from embedq.producer.batching import BatchRules, PlannedBatch, plan_batches
+from embedq.producer.publisher import Publisher
+from embedq.producer.sources import Source, SourceScan
+
+from embedq import deadletter
+from embedq.connection import retry_redis
+from embedq.errors import SourceError
+from embedq.job import JobRecord, create_or_check, new_record
+from embedq.keys import JobKeys
+from embedq.model import ModelInfo
+from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, encode_batch
+from embedq.tokenization import TokenizedDocs
+
+log = logging.getLogger("embedq.producer")
+
+
+@dataclass(frozen=True)
+class ProducerOptions:
+    """How the producer batches and publishes; see `embedq produce --help`."""
+
+    batch_size: int = 512
+    limits: Limits = field(default_factory=Limits)
+    backlog: int = 512
+    allow_empty: bool = False
+    allow_duplicate_ids: bool = False
+    redis_retry_seconds: float = 600.0
+
+
+@dataclass
+class ProducerReport:
+    """What one producer run did."""
+
+    job: str
+    documents: int = 0  # documents in the source
+    published_documents: int = 0  # documents published in this run
+    batches: int = 0  # batches published in this run
+    rejected: int = 0  # documents dead-lettered by the producer in this run
+    resumed_from: int = 0  # source position this run started at
+    already_done: bool = False
+    seconds: float = 0.0
+    waited_seconds: float = 0.0  # time spent waiting on backpressure
+
+
+Progress = Callable[[int, int], None]  # (documents published so far, total)
+
+
+class Producer:
+    """Publishes one source as one job."""
+
+    def __init__(self, client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo,
+                 options: ProducerOptions, *, encode: Callable[[list[str]], TokenizedDocs] | None = None,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        self.client = client
+        self.keys = keys
+        self.source = source
+        self.model = model
+        self.options = options
+        self.encode = encode  # set: pretokenize
+        self.stopping = stopping
+        self.publisher = Publisher(client, keys, options.backlog)
+        self.scan: SourceScan | None = None
+
+    def prepare(self) -> JobRecord:
+        """Scan the source and create or check the job record."""
+        scan = self.scan = self.source.scan()
+        if scan.n_duplicates and not self.options.allow_duplicate_ids:
+            examples = ", ".join(f"{i!r} (positions {a} and {b})" for i, a, b in scan.duplicate_ids[:5])
+            raise SourceError(
+                f"{self.source.describe()} has {scan.n_duplicates} duplicate id(s), e.g. {examples}. Every id must "
+                "be unique so the output holds it exactly once: fix the source, or pass --allow-duplicate-ids "
+                "to embed the first occurrence and dead-letter the others."
+            )
+        if scan.count == 0:
+            raise SourceError(f"{self.source.describe()} holds no documents.")
+        record = new_record(
+            self.keys.job, self.model, source=self.source.describe(), source_fingerprint=scan.fingerprint,
+            source_spec=_spec_record(self.source), id_type=scan.id_type, documents=scan.count,
+            batch_size=self.options.batch_size, pretokenized=self.encode is not None,
+            max_doc_bytes=self.options.limits.max_doc_bytes,
+            max_message_bytes=self.options.limits.max_message_bytes, allow_empty=self.options.allow_empty,
+            allow_duplicate_ids=self.options.allow_duplicate_ids)
+        return self._redis(lambda: create_or_check(self.client, self.keys, record), "create the job")
+
+    def run(self, progress: Progress = lambda done, total: None) -> ProducerReport:
+        """Publish the whole source (from where an earlier run stopped); returns the report."""
+        started = time.monotonic()
+        record = self.prepare()
+        assert self.scan is not None
+        report = ProducerReport(job=self.keys.job, documents=record.documents)
+        self._redis(self.publisher.acquire, "take the producer lock")
+        try:
+            cursor = self._redis(self.publisher.cursor, "read the producer cursor")
+            report.resumed_from = cursor.next_pos
+            if cursor.done:
+                report.already_done = True
+                progress(record.documents, record.documents)
+                return report
+            if cursor.next_pos:
+                log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,
+                         cursor.next_pos, record.documents)
+            rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty,
+                               frozenset(getattr(self.scan, "duplicate_positions", ())) if self.options.allow_duplicate_ids
+                               else frozenset())
+            self._publish_all(rules, cursor.next_seq, cursor.next_pos, record, report, progress)
+            if not self.stopping():
+                finished = self._redis(lambda: self.publisher.finish(record.documents), "finish the job")
+                if not finished:
+                    raise SourceError("the producer cursor did not reach the end of the source; run it again")
+        finally:
+            report.seconds = time.monotonic() - started
+            with contextlib.suppress(redis.RedisError):
+                self.publisher.release()
+        return report
+
+    def _publish_all(self, rules: BatchRules, seq: int, pos: int, record: JobRecord, report: ProducerReport,
+                     progress: Progress) -> None:
+        while True:  # a pass ends at the source's end, or restarts when Redis moved the cursor back
+            rewind = None
+            for batch in plan_batches(self.source, rules, start_seq=seq, start_pos=pos):
+                if self.stopping():
+                    return
+                payload = self._payload(batch) if batch.ids else None
+                letters = [deadletter.encode(letter) for letter in self._dead_letters(batch)]
+                waited = time.monotonic()
+                self._redis(lambda: self.publisher.wait_for_room(self.stopping), "wait for room in the stream")
+                report.waited_seconds += time.monotonic() - waited
+                result = self._redis(
+                    lambda b=batch, p=payload, d=letters: self.publisher.publish(
+                        b.seq, b.next_pos, p, b.documents, d, len(b.rejected)),
+                    "publish a batch")
+                self.publisher.renew()
+                if not result.accepted:
+                    assert result.cursor is not None
+                    if result.cursor.next_seq > batch.seq:
+                        continue  # published before (a retried call whose reply was lost)
+                    rewind = result.cursor  # Redis lost recent batches (restart without fsync): redo them
+                    log.warning("Redis is at batch %d, behind this producer (%d): republishing from there",
+                                rewind.next_seq, batch.seq)
+                    break
+                report.batches += 1 if payload else 0
+                report.published_documents += batch.documents
+                report.rejected += len(batch.rejected)
+                progress(batch.next_pos, record.documents)
+            if rewind is None:
+                return
+            seq, pos = rewind.next_seq, rewind.next_pos
+
+    def _payload(self, batch: PlannedBatch) -> bytes:
+        if self.encode is None:
+            message = BatchMessage(v=SCHEMA_VERSION, job=self.keys.job, seq=batch.seq, pos=batch.pos,
+                                   ids=batch.ids, texts=batch.texts)
+        else:
+            docs = self.encode(batch.texts)
+            message = BatchMessage(v=SCHEMA_VERSION, job=self.keys.job, seq=batch.seq, pos=batch.pos,
+                                   ids=batch.ids, tokens=docs.tokens.astype("<i4").tobytes(),
+                                   lengths=docs.lengths.astype("<i4").tobytes(),
+                                   truncated=docs.truncated.astype("u1").tobytes())
+        return encode_batch(message)
+
+    def _dead_letters(self, batch: PlannedBatch) -> list[deadletter.DeadLetter]:
+        letters = []
+        for rejected in batch.rejected:
+            replayable = rejected.text is not None
+            message = BatchMessage(v=SCHEMA_VERSION, job=self.keys.job, seq=batch.seq, pos=batch.pos + rejected.index,
+                                   ids=[rejected.doc_id], texts=[rejected.text or ""])
+            letters.append(deadletter.DeadLetter(
+                job=self.keys.job, entry_id="", seq=batch.seq, pos=batch.pos + rejected.index,
+                doc_ids=[rejected.doc_id], reason=rejected.reason, error=rejected.error, worker="producer",
+                failed_at=time.time(), payload=encode_batch(message) if replayable else b"",
+                replayable=replayable))
+        return letters
+
+    def _redis(self, call: Callable[[], object], what: str):  # type: ignore[no-untyped-def]
+        return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what, log=log.warning,
+                           stopping=self.stopping)
+
+
+def _spec_record(source: Source) -> dict[str, object]:
+    """The source settings for the job record, with an absolute path so `verify` finds it from anywhere."""
+    spec = dataclasses.asdict(source.spec)
+    if spec["path"] != "-":
+        spec["path"] = os.path.abspath(spec["path"])
+    return spec
