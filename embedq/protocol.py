@@ -94,6 +94,8 @@ def decode_batch(raw: bytes, *, job: str, limits: Limits) -> BatchMessage:
         raise ProtocolError(f"message does not match the batch schema: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"message is not valid msgpack: {exc}") from exc
+    except UnicodeDecodeError as exc:  # msgspec raises it for a str that is not UTF-8
+        raise ProtocolError(f"message holds a string that is not valid UTF-8: {exc}") from exc
     validate_batch(message, job=job, limits=limits)
     return message
 
@@ -113,8 +115,6 @@ def validate_batch(message: BatchMessage, *, job: str, limits: Limits) -> None:
         raise ProtocolError("message holds no documents")
     if n > limits.max_docs:
         raise ProtocolError(f"message holds {n} documents, over the limit of {limits.max_docs}")
-    if any(isinstance(i, bool) for i in message.ids):
-        raise ProtocolError("document ids must be strings or integers, not booleans")
     if message.texts is not None:
         if message.tokens is not None:
             raise ProtocolError("message carries both texts and token ids")
