@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from embedq.producer.sources import Source
-
 from embedq.protocol import DocId, Limits
 
 

@@ -17,9 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
-from embedq.producer.batching import BatchRules, PlannedBatch, plan_batches
-from embedq.producer.publisher import Publisher
-from embedq.producer.sources import Source, SourceScan
 
 from embedq import deadletter
 from embedq.connection import retry_redis
@@ -27,6 +24,9 @@ from embedq.errors import SourceError
 from embedq.job import JobRecord, create_or_check, new_record
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
+from embedq.producer.batching import BatchRules, PlannedBatch, plan_batches
+from embedq.producer.publisher import Publisher
+from embedq.producer.sources import Source, SourceScan
 from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, encode_batch
 from embedq.tokenization import TokenizedDocs
 

@@ -68,3 +68,23 @@ def corpus_dir() -> Path:
         subprocess.run([sys.executable, str(ROOT / "tests" / "make_corpus.py"), str(CORPUS_DIR)],
                        check=True, capture_output=True)
     return CORPUS_DIR
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(model_info):
+    """The real MiniLM on the CPU (torch backend), started once for the session, small batches."""
+    from embedq.engines import create_engine
+    from embedq.engines.base import EngineConfig
+    from embedq.worker.buckets import profile_table
+
+    engine = create_engine("torch", EngineConfig(model=model_info, profiles=profile_table(model_info.max_seq_len, 4096),
+                                                 device="cpu", precision="fp32", threads=2))
+    with engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def gloss_texts(corpus_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(corpus_dir / "glosses.parquet", columns=["text"]).column("text").to_pylist()

@@ -5,8 +5,15 @@
 Writes OUTDIR/glosses.parquet (about 117k short definitions, id + text) and OUTDIR/passages.parquet
 (glosses joined into passages of 20 to 400 words, a length spread like chunked documents).
 """
-import os, random, subprocess, sys, tempfile
-import pyarrow as pa, pyarrow.parquet as pq
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 
 def glosses():
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from embedq.engines.base import Profile
 
 # Sequence lengths of the default profile table: steps of about 1.4x keep padding to a few tens of

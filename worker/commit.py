@@ -28,12 +28,12 @@ from typing import Any
 
 import msgspec
 import redis
-from embedq.worker.output import MANIFEST_FILE, OutputDir
-from embedq.worker.writer import StagedPart
 
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.protocol import PAYLOAD_FIELD
+from embedq.worker.output import MANIFEST_FILE, OutputDir
+from embedq.worker.writer import StagedPart
 
 
 class PartEntry(msgspec.Struct, frozen=True, kw_only=True):

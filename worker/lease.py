@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from embedq.worker.consumer import StreamConsumer
 
 from embedq.keys import JobKeys
+from embedq.worker.consumer import StreamConsumer
 
 log = logging.getLogger("embedq.worker")
 

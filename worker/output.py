@@ -2,13 +2,14 @@
 
 Layout of one job's output directory:
 
-    part-<worker>-<n>.parquet        committed parts (the manifest lists each one)
-    part-<worker>-<n>.parquet.tmp    a part being written, or committed but not yet renamed
-    _manifest.json                   the committed parts, written when the job finishes or is verified
-    _embedq.json                     which job owns this directory
+    part-<n>-<worker>.parquet         committed parts (the manifest lists each one)
+    .part-<n>-<worker>.parquet.tmp    a part being written, or committed but not yet renamed
+    _manifest.json                    the committed parts, written when the job finishes or is verified
+    _embedq.json                      which job owns this directory
 
-Staging names end in `.tmp`, which no `*.parquet` or `**/*.parquet` glob matches (DuckDB, polars
-and pyarrow readers all skip them), so a reader sees a part only after its commit (contract 4).
+Staging names end in `.tmp`, which no `*.parquet` or `**/*.parquet` glob matches (DuckDB, polars),
+and start with `.`, which `pyarrow.dataset` skips when handed the directory itself; so a reader
+sees a part only after its commit (contract 4).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from embedq.errors import OutputError
 
 PART_SUFFIX = ".parquet"
+STAGING_PREFIX = "."
 STAGING_SUFFIX = ".parquet.tmp"
 MANIFEST_FILE = "_manifest.json"
 OWNER_FILE = "_embedq.json"
@@ -49,7 +51,7 @@ class OutputDir:
     path: Path
 
     def staging(self, name: str) -> Path:
-        return self.path / (name + STAGING_SUFFIX)
+        return self.path / (STAGING_PREFIX + name + STAGING_SUFFIX)
 
     def final(self, name: str) -> Path:
         return self.path / (name + PART_SUFFIX)
@@ -95,11 +97,12 @@ class OutputDir:
 
     def part_names(self) -> set[str]:
         """Names of visible parts (`*.parquet`)."""
-        return {p.name[: -len(PART_SUFFIX)] for p in self.path.glob("*" + PART_SUFFIX) if p.is_file()}
+        return {p.name[: -len(PART_SUFFIX)] for p in self.path.glob("part-*" + PART_SUFFIX) if p.is_file()}
 
     def staged_names(self) -> set[str]:
         """Names of staged parts (`*.parquet.tmp`)."""
-        return {p.name[: -len(STAGING_SUFFIX)] for p in self.path.glob("*" + STAGING_SUFFIX) if p.is_file()}
+        return {p.name[len(STAGING_PREFIX):-len(STAGING_SUFFIX)]
+                for p in self.path.glob(STAGING_PREFIX + "part-*" + STAGING_SUFFIX) if p.is_file()}
 
     def write_json(self, filename: str, data: Any) -> None:
         """Write a small JSON file atomically (temporary name, fsync, rename, fsync the directory)."""

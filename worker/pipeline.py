@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from embedq.engines.base import Engine, Pending, Profile
-from embedq.worker.buckets import Bucket, pad_batch, plan_buckets
 
+from embedq.engines.base import Engine, Pending, Profile
 from embedq.tokenization import TokenizedDocs
+from embedq.worker.buckets import Bucket, pad_batch, plan_buckets
 
 
 @dataclass

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from embedq.worker.consumer import Delivery
 
 from embedq import deadletter
 from embedq.errors import ProtocolError
 from embedq.protocol import BatchMessage, DocId, Limits, decode_batch
 from embedq.tokenization import TokenizedDocs
+from embedq.worker.consumer import Delivery
 
 
 @dataclass

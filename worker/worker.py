@@ -29,17 +29,10 @@ from typing import Any
 
 import numpy as np
 import redis
-from embedq.engines.base import Engine
-from embedq.worker.commit import Committer, Outcome, Settlement, part_name, reconcile, write_manifest_file
-from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
-from embedq.worker.lease import InFlight, Lease
-from embedq.worker.output import OutputDir, describe_os_error
-from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
-from embedq.worker.window import DocumentRules, Window, assemble, tokenize
-from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
 from embedq import deadletter
 from embedq.connection import retry_redis
+from embedq.engines.base import Engine
 from embedq.errors import EmbedqError, EngineError, OutputError
 from embedq.job import JobRecord, check_model
 from embedq.keys import JobKeys
@@ -47,6 +40,13 @@ from embedq.model import ModelInfo
 from embedq.protocol import BatchMessage, encode_batch
 from embedq.status import live_workers
 from embedq.tokenization import TokenizedDocs, Tokenizer
+from embedq.worker.commit import Committer, Outcome, Settlement, part_name, reconcile, write_manifest_file
+from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
+from embedq.worker.lease import InFlight, Lease
+from embedq.worker.output import OutputDir, describe_os_error
+from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
+from embedq.worker.window import DocumentRules, Window, assemble, tokenize
+from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
 
@@ -159,6 +159,9 @@ class Worker:
             committer.start()
             try:
                 self._engine_loop()
+            except BaseException as exc:
+                self._errors.append(exc)
+                self._abort.set()
             finally:
                 self._drain(fetcher, committer)
                 self.lease.stop()
@@ -286,17 +289,22 @@ class Worker:
             window.embeddings = embed_documents(self.engine, window.tokens, pad, stats=self.report.engine)
         except Exception as exc:  # a batch-level failure: find the documents at fault
             log.warning("embedding a window of %d documents failed (%s); isolating the cause", len(window), exc)
-            window.embeddings = self._embed_isolated(window, exc)
+            window.embeddings, failed = self._embed_isolated(window, exc)
+            if failed:
+                rows = np.array(sorted(failed), dtype=np.int64)
+                self._dead_documents(window, rows, "embedding failed", "; ".join(sorted(set(failed.values())))[:2000],
+                                     failures=self.options.max_failures)
         bad = non_finite_rows(window.embeddings)
         if bad.size:
             self._dead_documents(window, bad, "non-finite embedding",
                                  "the model produced NaN or infinity for this document")
 
-    def _embed_isolated(self, window: Window, first_error: Exception) -> np.ndarray:
+    def _embed_isolated(self, window: Window, first_error: Exception) -> tuple[np.ndarray, dict[int, str]]:
         """Embed message by message, then document by document, retrying up to max_failures times.
 
-        Documents that still fail are dead-lettered; but if the engine fails even on a canary
-        document it is the engine, not the data: stop the worker rather than dead-letter a corpus.
+        Returns the embeddings and the documents that still fail, with their errors. If the engine
+        fails even on a canary document it is the engine, not the data: the worker stops rather
+        than dead-letter a whole corpus.
         """
         pad = self.model.pad_token_id
         out = np.full((len(window), self.engine.dim), np.nan, dtype=np.float32)
@@ -322,11 +330,7 @@ class Worker:
             if not isinstance(canary, np.ndarray):
                 raise EngineError(f"the engine fails even on a canary document ({canary}); first error: "
                                   f"{first_error}. Stopping instead of dead-lettering the job.")
-            rows = np.array(sorted(failed), dtype=np.int64)
-            self._dead_documents(window, rows, "embedding failed",
-                                 "; ".join(sorted(set(failed.values())))[:2000],
-                                 failures=self.options.max_failures)
-        return out
+        return out, failed
 
     def _attempt(self, run: Callable[[], np.ndarray], *, entry: str | None = None,
                  tries: int | None = None) -> np.ndarray | str:

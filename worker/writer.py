@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from embedq.worker.output import OutputDir
 
 from embedq import __version__
 from embedq.protocol import DocId
+from embedq.worker.output import OutputDir
 
 METADATA_PREFIX = "embedq."
 

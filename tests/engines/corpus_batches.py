@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedq.engines.base import Profile
+from embedq.engines.base import Engine, Pending, Profile
 from embedq.tokenization import TokenizedDocs
 
 
@@ -26,14 +26,9 @@ class PaddedBatch:
     lengths: np.ndarray  # int32 (B,)
 
 
-def bucket_profiles(max_seq_len: int, token_budget: int, smallest: int = 16) -> tuple[Profile, ...]:
-    """Widths doubling from `smallest` up to `max_seq_len`, each with max_batch = budget // width."""
-    widths = []
-    width = smallest
-    while width < max_seq_len:
-        widths.append(width)
-        width *= 2
-    widths.append(max_seq_len)
+def bucket_profiles(max_seq_len: int, token_budget: int, step: int = 16) -> tuple[Profile, ...]:
+    """Widths every `step` tokens up to `max_seq_len`, each with max_batch = token_budget // width."""
+    widths = sorted({*range(step, max_seq_len, step), max_seq_len})
     return tuple(Profile(w, max(1, token_budget // w)) for w in widths)
 
 
@@ -62,3 +57,23 @@ def read_texts(path: Path, count: int, seed: int) -> list[str]:
     texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     picked = np.random.default_rng(seed).choice(len(texts), size=min(count, len(texts)), replace=False)
     return [texts[i] for i in np.sort(picked)]
+
+
+def embed_documents(engine: Engine, docs: TokenizedDocs, pad_id: int) -> np.ndarray:
+    """Embeddings of every document, in document order, submitting a batch before collecting the last."""
+    out = np.empty((len(docs), engine.dim), dtype=np.float32)
+    in_flight: list[tuple[np.ndarray, Pending]] = []
+    for batch in padded_batches(docs, tuple(engine.profiles), pad_id):
+        in_flight.append((batch.doc_index, engine.submit(batch.input_ids, batch.lengths)))
+        if len(in_flight) > 1:
+            rows, pending = in_flight.pop(0)
+            out[rows] = pending.result()
+    for rows, pending in in_flight:
+        out[rows] = pending.result()
+    return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two `(n, d)` arrays, in float64."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 * b64).sum(axis=1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))

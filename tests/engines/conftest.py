@@ -1,0 +1,89 @@
+"""Fixtures for the engine tests: a mixed real-text sample, its sentence-transformers reference, engines."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedq.engines import create_engine
+from embedq.engines.base import Engine, EngineConfig, Profile
+from embedq.model import ModelInfo
+from embedq.tokenization import TokenizedDocs, Tokenizer
+
+from .corpus_batches import bucket_profiles, read_texts
+
+# 2,000 documents: short glosses and long passages (about 7% of passages are cut at 256 tokens).
+# Passages dominate the CPU time (~115 tokens each against ~18), hence fewer of them.
+GLOSSES_IN_SAMPLE = 1_600
+PASSAGES_IN_SAMPLE = 400
+# Batches of at most 4,096 padded tokens in widths of 16: the fastest of 2k/4k/8k/32k on 2 cores.
+TOKEN_BUDGET = 4_096
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Texts of both corpora and their token ids."""
+
+    texts: list[str]
+    docs: TokenizedDocs
+
+
+@pytest.fixture(scope="session")
+def sample(model_info: ModelInfo, corpus_dir: Path) -> Sample:
+    texts = (read_texts(corpus_dir / "glosses.parquet", GLOSSES_IN_SAMPLE, seed=7)
+             + read_texts(corpus_dir / "passages.parquet", PASSAGES_IN_SAMPLE, seed=7))
+    docs = Tokenizer(model_info.tokenizer_file, model_info.max_seq_len).encode(texts)
+    return Sample(texts, docs)
+
+
+@pytest.fixture(scope="session")
+def profiles(model_info: ModelInfo) -> tuple[Profile, ...]:
+    return bucket_profiles(model_info.max_seq_len, TOKEN_BUDGET)
+
+
+@pytest.fixture(scope="session")
+def st_reference(model_info: ModelInfo, sample: Sample, corpus_dir: Path) -> np.ndarray:
+    """sentence-transformers' embeddings of the sample, computed once per machine and kept by the corpus."""
+    import sentence_transformers
+    import torch
+
+    # Keyed by everything that decides the numbers; beside the corpus rather than in .pytest_cache,
+    # which `-p no:cacheprovider` turns off. It costs ~30 s of CPU to recompute on 2 cores.
+    key = hashlib.sha256("\0".join(
+        [model_info.digest, sentence_transformers.__version__, torch.__version__, *sample.texts]
+    ).encode()).hexdigest()[:16]
+    cached = corpus_dir / f"st-reference-{key}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    torch.set_num_threads(THREADS)
+    model = sentence_transformers.SentenceTransformer(str(model_info.path), device="cpu")
+    reference = model.encode(sample.texts, batch_size=64, normalize_embeddings=False,
+                             convert_to_numpy=True).astype(np.float32)
+    staged = cached.with_suffix(f".{os.getpid()}.tmp.npy")  # np.save insists on the .npy suffix
+    with contextlib.suppress(OSError):  # a read-only corpus folder only costs the recomputation
+        np.save(staged, reference)
+        os.replace(staged, cached)
+    return reference
+
+
+@pytest.fixture(scope="session")
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One engine cache for the session, so each model setting is exported once."""
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+def cpu_engine(request: pytest.FixtureRequest, model_info: ModelInfo, profiles: tuple[Profile, ...],
+               onnx_cache_dir: Path) -> Iterator[Engine]:
+    """A started CPU engine of each backend over the test profiles."""
+    config = EngineConfig(model_info, profiles, cache_dir=str(onnx_cache_dir), threads=THREADS)
+    with create_engine(request.param, config) as engine:
+        yield engine

@@ -1,0 +1,126 @@
+"""What every engine refuses and the registry's answers: shapes outside the profiles, bad settings, names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from embedq import engines
+from embedq.engines import BACKENDS, available_backends, create_engine, resolve_backend
+from embedq.engines.base import Engine, EngineConfig, Profile
+from embedq.errors import EngineError
+from embedq.model import ModelInfo
+
+
+def _batch(rows: int, width: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((rows, width), 101, dtype=np.int32)
+    return ids, np.full(rows, width if length is None else length, dtype=np.int32)
+
+
+def test_a_started_engine_is_an_engine_of_the_model(cpu_engine: Engine, model_info: ModelInfo) -> None:
+    assert isinstance(cpu_engine, Engine)
+    assert cpu_engine.name in BACKENDS
+    assert cpu_engine.dim == model_info.dim
+    assert list(cpu_engine.profiles) == sorted(cpu_engine.profiles)
+
+
+def test_a_batch_of_a_profile_comes_back_as_batch_by_dim_float32(cpu_engine: Engine) -> None:
+    profile = cpu_engine.profiles[0]
+    result = cpu_engine.submit(*_batch(3, profile.max_seq_len, length=2)).result()
+
+    assert result.shape == (3, cpu_engine.dim) and result.dtype == np.float32
+
+
+@pytest.mark.parametrize(("input_ids", "lengths"), [
+    pytest.param(np.zeros(16, np.int32), np.ones(1, np.int32), id="ids-not-2d"),
+    pytest.param(np.zeros((2, 16), np.int32), np.ones(3, np.int32), id="lengths-not-one-per-row"),
+    pytest.param(np.zeros((2, 17), np.int32), np.ones(2, np.int32), id="width-not-a-profile"),
+    pytest.param(np.zeros((2, 16), np.int32), np.zeros(2, np.int32), id="empty-document"),
+    pytest.param(np.zeros((2, 16), np.int32), np.full(2, 17, np.int32), id="length-beyond-width"),
+    pytest.param(np.zeros((0, 16), np.int32), np.ones(0, np.int32), id="no-rows"),
+])
+def test_batches_that_fit_no_profile_are_refused(
+    cpu_engine: Engine, input_ids: np.ndarray, lengths: np.ndarray
+) -> None:
+    with pytest.raises(ValueError):
+        cpu_engine.submit(input_ids, lengths)
+
+
+def test_a_batch_larger_than_its_profile_is_refused(cpu_engine: Engine) -> None:
+    profile = cpu_engine.profiles[-1]
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_engine.submit(*_batch(profile.max_batch + 1, profile.max_seq_len))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_cpu_is_an_engine_error(backend: str, precision: str, model_info: ModelInfo) -> None:
+    config = EngineConfig(model_info, (Profile(16, 4),), device="cpu", precision=precision)
+    with pytest.raises(EngineError, match="fp32"):
+        create_engine(backend, config)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_submitting_before_start_is_an_engine_error(backend: str, model_info: ModelInfo) -> None:
+    engine = create_engine(backend, EngineConfig(model_info, (Profile(16, 4),)))
+    with pytest.raises(EngineError, match="not started"):
+        engine.submit(*_batch(1, 16))
+
+
+def test_cuda_without_a_gpu_is_an_engine_error(model_info: ModelInfo) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    engine = create_engine("torch", EngineConfig(model_info, (Profile(16, 4),), device="cuda"))
+    with pytest.raises(EngineError, match="no CUDA GPU"):
+        engine.__enter__()
+
+
+def test_an_unknown_backend_is_an_engine_error_naming_the_choices(model_info: ModelInfo) -> None:
+    config = EngineConfig(model_info, (Profile(16, 4),))
+    with pytest.raises(EngineError, match="torch, onnxruntime, tensorrt"):
+        create_engine("tensorflow", config)
+    with pytest.raises(EngineError, match="unknown backend"):
+        resolve_backend("tensorflow", "cpu")
+
+
+def test_tensorrt_is_not_built_yet(model_info: ModelInfo) -> None:
+    with pytest.raises(EngineError, match="not built yet"):
+        create_engine("tensorrt", EngineConfig(model_info, (Profile(16, 4),), device="cuda"))
+    assert "tensorrt" not in available_backends()
+
+
+def test_a_backend_whose_library_is_missing_says_what_to_install(
+    model_info: ModelInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = engines._REGISTRY["onnxruntime"]
+    monkeypatch.setitem(engines._REGISTRY, "onnxruntime", replace(spec, requires=(("no_such_library",),)))
+
+    with pytest.raises(EngineError, match=r"needs no_such_library.*pip install"):
+        create_engine("onnxruntime", EngineConfig(model_info, (Profile(16, 4),)))
+    assert "onnxruntime" not in available_backends()
+
+
+def test_auto_picks_the_measured_cpu_backend_and_torch_on_cuda_without_tensorrt() -> None:
+    assert resolve_backend("auto", "cpu") == engines.CPU_AUTO_BACKEND
+    assert resolve_backend("auto", "cuda:0") == "torch"
+    assert resolve_backend("onnxruntime", "cpu") == "onnxruntime"
+    assert set(available_backends()) == {"torch", "onnxruntime"}
+
+
+def test_importing_the_engines_needs_neither_torch_nor_onnxruntime() -> None:
+    # A None entry in sys.modules makes any import of that name fail, as if it were not installed.
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'onnxruntime', 'onnx', 'transformers', 'tensorrt'):\n"
+        "    sys.modules[name] = None\n"
+        "import embedq.engines, embedq.engines.torch_engine, embedq.engines.onnxruntime_engine\n"
+        "import embedq.engines.onnx_export, embedq.engines.pooling, embedq.engines.cache\n"
+        "print(embedq.engines.BACKENDS)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
