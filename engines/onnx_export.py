@@ -71,6 +71,7 @@ def _export(model: ModelInfo, destination: Path) -> None:
             # transformers warns that `is_causal` is traced as a constant; it is False for every
             # input, since the attention mask is always given.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
             # dynamo=False: the dynamo exporter fails on this wrapper ("output name used twice").
             torch.onnx.export(
                 encoder,
@@ -97,6 +98,9 @@ def _annotate_and_check(model: ModelInfo, path: Path) -> None:
     import onnx
 
     graph = onnx.load(str(path))
+    # The tracer leaves the width of `embeddings` symbolic; a fixed one lets consumers (TensorRT's
+    # output buffers, the worker's checks) size themselves from the file alone.
+    graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = model.dim
     metadata = {f"embedq.{key}": str(value) for key, value in model.describe().items()}
     metadata["embedq.export_format"] = str(EXPORT_FORMAT)
     onnx.helper.set_model_props(graph, metadata)

@@ -117,9 +117,8 @@ class Producer:
             if cursor.next_pos:
                 log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,
                          cursor.next_pos, record.documents)
-            rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty,
-                               frozenset(getattr(self.scan, "duplicate_positions", ())) if self.options.allow_duplicate_ids
-                               else frozenset())
+            skip = frozenset(self.scan.duplicate_positions) if self.options.allow_duplicate_ids else frozenset()
+            rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip)
             self._publish_all(rules, cursor.next_seq, cursor.next_pos, record, report, progress)
             if not self.stopping():
                 finished = self._redis(lambda: self.publisher.finish(record.documents), "finish the job")

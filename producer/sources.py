@@ -104,6 +104,7 @@ class SourceScan:
     duplicate_ids: list[tuple[DocId, int, int]]  # up to 10 examples: (id, first position, repeat position)
     n_duplicates: int  # documents whose id appeared at an earlier position
     fingerprint: str
+    duplicate_positions: tuple[int, ...] = ()  # every such repeat position (the first occurrence excluded)
 
 
 @dataclass(frozen=True)
@@ -386,12 +387,12 @@ class Source:
                 "point the source at the documents to embed"
             )
         examples: list[tuple[DocId, int, int]] = []
-        n_duplicates = 0
+        repeats: list[int] = []
         if hashing:
             candidates = _repeated_hashes(hashes)
             if candidates.size:
-                n_duplicates, examples = self._confirm_duplicates(candidates)
-        self._scan = SourceScan(pos, reader.id_type, examples, n_duplicates, self._fingerprint)
+                repeats, examples = self._confirm_duplicates(candidates)
+        self._scan = SourceScan(pos, reader.id_type, examples, len(repeats), self._fingerprint, tuple(repeats))
         return self._scan
 
     def chunks(self, start: int = 0, chunk_size: int = 4096) -> Iterator[SourceChunk]:
@@ -440,12 +441,13 @@ class Source:
                 pos += n
             self._counts[f.rel] = pos - file_start
 
-    def _confirm_duplicates(self, candidates: np.ndarray) -> tuple[int, list[tuple[DocId, int, int]]]:
-        """Second pass over the ids whose hash repeats: compare the ids themselves."""
+    def _confirm_duplicates(self, candidates: np.ndarray) -> tuple[list[int], list[tuple[DocId, int, int]]]:
+        """Second pass over the ids whose hash repeats: compare the ids themselves; returns the
+        positions of repeats and a few examples."""
         as_int = self._reader.id_type == "int64"
         first_seen: dict[DocId, int] = {}
         examples: list[tuple[DocId, int, int]] = []
-        n_duplicates = 0
+        repeats: list[int] = []
         pos = 0
         for f in self._files:
             for block in self._reader.id_blocks(f, pos):
@@ -454,11 +456,11 @@ class Source:
                     doc_id = int(block[i]) if as_int else block[i]
                     first = first_seen.setdefault(doc_id, pos + i)
                     if first != pos + i:
-                        n_duplicates += 1
+                        repeats.append(pos + i)
                         if len(examples) < MAX_DUPLICATE_EXAMPLES:
                             examples.append((doc_id, first, pos + i))
                 pos += len(block)
-        return n_duplicates, examples
+        return repeats, examples
 
     def _compute_fingerprint(self) -> str:
         digest = hashlib.sha256(b"embedq-source-v1\n")

@@ -92,7 +92,7 @@ def test_an_oversized_message_is_refused_before_it_is_parsed() -> None:
 def test_invalid_utf8_inside_a_text_is_refused() -> None:
     good = raw(text_message(texts=["AAAA", "BBBB"]))
     broken = good.replace(b"AAAA", b"\xff\xfe\xfd\xfc")
-    with pytest.raises(ProtocolError, match="msgpack|UTF|utf"):
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
         decode_batch(broken, job="j", limits=LIMITS)
 
 

@@ -81,7 +81,7 @@ def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", params=["torch", "onnxruntime"])
-def cpu_engine(request: pytest.FixtureRequest, model_info: ModelInfo, profiles: tuple[Profile, ...],
+def backend_engine(request: pytest.FixtureRequest, model_info: ModelInfo, profiles: tuple[Profile, ...],
                onnx_cache_dir: Path) -> Iterator[Engine]:
     """A started CPU engine of each backend over the test profiles."""
     config = EngineConfig(model_info, profiles, cache_dir=str(onnx_cache_dir), threads=THREADS)

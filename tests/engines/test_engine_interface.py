@@ -21,18 +21,18 @@ def _batch(rows: int, width: int, length: int | None = None) -> tuple[np.ndarray
     return ids, np.full(rows, width if length is None else length, dtype=np.int32)
 
 
-def test_a_started_engine_is_an_engine_of_the_model(cpu_engine: Engine, model_info: ModelInfo) -> None:
-    assert isinstance(cpu_engine, Engine)
-    assert cpu_engine.name in BACKENDS
-    assert cpu_engine.dim == model_info.dim
-    assert list(cpu_engine.profiles) == sorted(cpu_engine.profiles)
+def test_a_started_engine_is_an_engine_of_the_model(backend_engine: Engine, model_info: ModelInfo) -> None:
+    assert isinstance(backend_engine, Engine)
+    assert backend_engine.name in BACKENDS
+    assert backend_engine.dim == model_info.dim
+    assert list(backend_engine.profiles) == sorted(backend_engine.profiles)
 
 
-def test_a_batch_of_a_profile_comes_back_as_batch_by_dim_float32(cpu_engine: Engine) -> None:
-    profile = cpu_engine.profiles[0]
-    result = cpu_engine.submit(*_batch(3, profile.max_seq_len, length=2)).result()
+def test_a_batch_of_a_profile_comes_back_as_batch_by_dim_float32(backend_engine: Engine) -> None:
+    profile = backend_engine.profiles[0]
+    result = backend_engine.submit(*_batch(3, profile.max_seq_len, length=2)).result()
 
-    assert result.shape == (3, cpu_engine.dim) and result.dtype == np.float32
+    assert result.shape == (3, backend_engine.dim) and result.dtype == np.float32
 
 
 @pytest.mark.parametrize(("input_ids", "lengths"), [
@@ -44,16 +44,16 @@ def test_a_batch_of_a_profile_comes_back_as_batch_by_dim_float32(cpu_engine: Eng
     pytest.param(np.zeros((0, 16), np.int32), np.ones(0, np.int32), id="no-rows"),
 ])
 def test_batches_that_fit_no_profile_are_refused(
-    cpu_engine: Engine, input_ids: np.ndarray, lengths: np.ndarray
+    backend_engine: Engine, input_ids: np.ndarray, lengths: np.ndarray
 ) -> None:
     with pytest.raises(ValueError):
-        cpu_engine.submit(input_ids, lengths)
+        backend_engine.submit(input_ids, lengths)
 
 
-def test_a_batch_larger_than_its_profile_is_refused(cpu_engine: Engine) -> None:
-    profile = cpu_engine.profiles[-1]
+def test_a_batch_larger_than_its_profile_is_refused(backend_engine: Engine) -> None:
+    profile = backend_engine.profiles[-1]
     with pytest.raises(ValueError, match="does not fit"):
-        cpu_engine.submit(*_batch(profile.max_batch + 1, profile.max_seq_len))
+        backend_engine.submit(*_batch(profile.max_batch + 1, profile.max_seq_len))
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

@@ -31,16 +31,16 @@ def test_sample_mixes_short_and_truncated_documents(sample: Sample) -> None:
 
 
 def test_embeddings_match_sentence_transformers_for_every_document(
-    cpu_engine: Engine, sample: Sample, st_reference: np.ndarray, model_info: ModelInfo
+    backend_engine: Engine, sample: Sample, st_reference: np.ndarray, model_info: ModelInfo
 ) -> None:
-    embeddings = embed_documents(cpu_engine, sample.docs, model_info.pad_token_id)
+    embeddings = embed_documents(backend_engine, sample.docs, model_info.pad_token_id)
 
     assert embeddings.shape == (len(sample.docs), model_info.dim)
     assert embeddings.dtype == np.float32
     similarity = cosine(embeddings, st_reference)
     worst = int(np.argmin(similarity))
     assert similarity.min() >= MIN_COSINE, (
-        f"{cpu_engine.name}: document {worst} ({int(sample.docs.lengths[worst])} tokens) "
+        f"{backend_engine.name}: document {worst} ({int(sample.docs.lengths[worst])} tokens) "
         f"has cosine {similarity.min():.7f}"
     )
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)

@@ -11,7 +11,7 @@ from embedq.engines import create_engine
 from embedq.engines.base import Engine, EngineConfig, Profile
 from embedq.model import ModelInfo
 
-from .conftest import THREADS, Sample
+from .conftest import Sample
 from .corpus_batches import cosine, embed_documents, padded_batches
 
 torch = pytest.importorskip("torch")
@@ -28,7 +28,7 @@ MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.999}
 @pytest.fixture(scope="module")
 def cpu_fp32(model_info: ModelInfo, sample: Sample, profiles: tuple[Profile, ...]) -> np.ndarray:
     """The sample embedded by the torch engine on CPU in fp32: what every CUDA run is held against."""
-    config = EngineConfig(model_info, profiles, device="cpu", threads=THREADS)
+    config = EngineConfig(model_info, profiles, device="cpu")
     with create_engine("torch", config) as engine:
         return embed_documents(engine, sample.docs, model_info.pad_token_id)
 

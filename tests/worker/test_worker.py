@@ -79,7 +79,7 @@ def test_a_poison_document_is_dead_lettered_and_its_batch_mates_are_committed(
         redis_client, keys, model_info, cpu_engine, tmp_path: Path, gloss_texts) -> None:
     from embedq.tokenization import Tokenizer
 
-    texts = gloss_texts[:100] + ["the zyzzyva is a tropical weevil"]
+    texts = [*gloss_texts[:100], "the zyzzyva is a tropical weevil"]
     poison_token = int(Tokenizer(model_info.tokenizer_file, 64).encode(["zyzzyva"]).tokens[1])
     source = write_jsonl(tmp_path / "docs.jsonl", list(range(101)), texts)
     record, _ = produce(redis_client, keys, model_info, source, batch_size=101)
@@ -99,7 +99,7 @@ def test_a_document_whose_embedding_is_not_finite_is_dead_lettered(redis_client,
                                                                   tmp_path: Path, gloss_texts) -> None:
     from embedq.tokenization import Tokenizer
 
-    texts = gloss_texts[:50] + ["a xylophone solo"]
+    texts = [*gloss_texts[:50], "a xylophone solo"]
     poison_token = int(Tokenizer(model_info.tokenizer_file, 64).encode(["xylophone"]).tokens[1])
     source = write_jsonl(tmp_path / "docs.jsonl", list(range(51)), texts)
     record, _ = produce(redis_client, keys, model_info, source)
