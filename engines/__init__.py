@@ -17,14 +17,21 @@ from .base import Engine, EngineConfig
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
-# Measured with tests/engines/corpus_batches.py on this project's 2-core CPU machine (AMD EPYC,
-# 2 threads), all-MiniLM-L6-v2, 1,000 passages (119k tokens), length-sorted batches of 4,096
-# tokens in widths of 16: onnxruntime 1.32 ran at ~ tokens/s, torch 2.13 at ~ tokens/s.
-CPU_AUTO_BACKEND = "onnxruntime"
+# "auto" on CPU. Measured 2026-11-28 on this project's 2-core CPU machine (AMD EPYC, 2 threads),
+# all-MiniLM-L6-v2, 2,000 passages drawn from the passage corpus (244k tokens), length-sorted batches
+# of at most 4,096 padded tokens in widths of 16 (tests/engines/corpus_batches.py), two rounds each:
+#   torch 2.13        6,479-6,715 tokens/s, 53-55 documents/s
+#   onnxruntime 1.32  6,428-6,579 tokens/s, 53-54 documents/s
+# and at 1,000 passages, 1,024-token batches: 6,484 vs 6,174; 16,384-token batches: 5,923 vs 5,365.
+# A tie at best for ONNX Runtime (its transformer optimizer fused nothing useful and ran slower),
+# so torch, which also skips the export step and its cache.
+CPU_AUTO_BACKEND = "torch"
 
 
 @dataclass(frozen=True)
 class _Backend:
+    """Where a backend's engine class lives and what it needs installed."""
+
     module: str
     engine_class: str
     # Libraries the backend cannot run without; each entry is satisfied by any one of its names.
@@ -32,11 +39,10 @@ class _Backend:
     install_hint: str
 
     def missing(self) -> list[str]:
-        return [" or ".join(names) for names in self.requires
-                if all(importlib.util.find_spec(name) is None for name in names)]
+        return [" or ".join(names) for names in self.requires if not any(map(_installed, names))]
 
     def built(self) -> bool:
-        return importlib.util.find_spec(f"{__name__}.{self.module}") is not None
+        return _installed(f"{__name__}.{self.module}")
 
 
 _REGISTRY = {
@@ -72,13 +78,25 @@ def resolve_backend(name: str, device: str) -> str:
     if name != "auto":
         _backend(name)
         return name
-    if device.startswith("cuda"):
+    if resolve_device(device).startswith("cuda"):
         if _REGISTRY["tensorrt"].built() and _tensorrt_importable():
             return "tensorrt"
         return "torch"
-    if device != "cpu":
-        raise EngineError(f"device {device!r} is not cpu, cuda or cuda:N.")
-    return CPU_AUTO_BACKEND if CPU_AUTO_BACKEND in available_backends() else "torch"
+    return CPU_AUTO_BACKEND
+
+
+def resolve_device(name: str) -> str:
+    """`cpu`, `cuda` or `cuda:N` as given (checked), or for "auto" `cuda` where torch sees a GPU, else `cpu`."""
+    if name == "auto":
+        if not _installed("torch"):
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if name in ("cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return name
+    raise EngineError(f"device {name!r} is not auto, cpu, cuda or cuda:N.")
 
 
 def available_backends() -> tuple[str, ...]:
@@ -93,6 +111,13 @@ def _backend(name: str) -> _Backend:
         raise EngineError(
             f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto."
         ) from None
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module set to None
+        return False
 
 
 def _tensorrt_importable() -> bool:

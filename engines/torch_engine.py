@@ -30,28 +30,32 @@ if TYPE_CHECKING:
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def load_encoder(model: ModelInfo, *, device: str = "cpu", precision: str = "fp32") -> torch.nn.Module:
+def load_encoder(
+    model: ModelInfo, *, device: str = "cpu", precision: str = "fp32", attention: str = "sdpa"
+) -> torch.nn.Module:
     """The model's transformer with pooling and normalization on top, in eval mode on `device`.
 
     Its forward takes `input_ids` int32 `(B, S)` and `lengths` int32 `(B,)` and returns `(B, dim)`
-    float32; the attention mask is derived from `lengths` on the device.
+    float32; the attention mask is derived from `lengths` on the device. `attention` is "sdpa",
+    falling back to "eager" for architectures without SDPA, or "eager".
     """
     import torch
     from transformers import AutoModel
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
+
+    def from_pretrained(implementation: str) -> Any:
+        return AutoModel.from_pretrained(
+            model.transformer_path, local_files_only=True, dtype=dtype, attn_implementation=implementation
+        )
+
     try:
         try:
-            transformer = AutoModel.from_pretrained(
-                model.transformer_path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-            )
+            transformer = from_pretrained(attention)
         except ValueError as exc:
-            if "sdpa" not in str(exc).lower():
+            if attention != "sdpa" or "scaled_dot_product_attention" not in str(exc):
                 raise
-            # Architectures without an SDPA path still run with the eager attention.
-            transformer = AutoModel.from_pretrained(
-                model.transformer_path, local_files_only=True, dtype=dtype, attn_implementation="eager"
-            )
+            transformer = from_pretrained("eager")
     except (OSError, ValueError) as exc:
         raise EngineError(
             f"transformers cannot load {model.transformer_path}: {exc}. Check that the model directory "
@@ -75,7 +79,7 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
     class SentenceEncoder(torch.nn.Module):
         """Transformer + pooling + normalization: `(input_ids, lengths)` to `(B, dim)` float32."""
 
-        def __init__(self, transformer: torch.nn.Module, pooling: Pooling, normalize: bool) -> None:
+        def __init__(self, transformer: Any, pooling: Pooling, normalize: bool) -> None:
             super().__init__()
             self.transformer = transformer
             self.head = pooling_head(pooling, normalize)
@@ -90,9 +94,9 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
             return self.head(hidden, lengths)
 
         def _attention_mask(self, keep: torch.Tensor) -> torch.Tensor:
-            # A ready 4D mask is passed through by transformers as it is. A 2D one would be checked
-            # with `mask.all()` to skip it, a host sync that stalls the CUDA pipeline every batch
-            # and bakes "no padding" into an ONNX trace whose example happens to have none.
+            # transformers passes a ready 4D mask through as it is. A 2D one it checks with
+            # `mask.all()` (to skip it when nothing is padded): a host sync that would stall the
+            # CUDA pipeline on every batch.
             mask = keep[:, None, None, :]
             if self.attn_implementation == "sdpa":
                 return mask
@@ -153,10 +157,11 @@ class TorchEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Drop the engine's hold on the weights first, so the pipeline's close can free them.
+        self._encoder = None
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
-        self._encoder = None
 
     def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> Pending:
         """Run one padded batch; on CPU now, on CUDA queued behind the batches already submitted."""
@@ -265,19 +270,20 @@ class _CudaPipeline:
         import torch
 
         self._torch = torch
-        self._encoder = encoder
+        self._encoder: Any = encoder
         self._device = device
         self._copy_stream = torch.cuda.Stream(device)
         self._compute_stream = torch.cuda.Stream(device)
-        self._lanes: dict[Profile, _ProfileLane] = {}
-        with torch.inference_mode():
-            for profile in profiles:
-                slots = [self._new_slot(profile, dim, pad_id) for _ in range(slots_per_profile)]
-                lane = _ProfileLane(slots)
-                if cuda_graphs:
-                    self._capture(lane, profile, pad_id)
-                self._lanes[profile] = lane
+        self._lanes = {
+            profile: _ProfileLane([self._new_slot(profile, dim, pad_id) for _ in range(slots_per_profile)])
+            for profile in profiles
+        }
+        # The weights and buffers were written on the default stream; the two streams read them.
         torch.cuda.synchronize(device)
+        if cuda_graphs:
+            with torch.inference_mode():
+                for profile, lane in self._lanes.items():
+                    lane.captured = self._capture(profile, pad_id)
 
     def _new_slot(self, profile: Profile, dim: int, pad_id: int) -> _Slot:
         torch = self._torch
@@ -293,12 +299,13 @@ class _CudaPipeline:
             done=torch.cuda.Event(blocking=True),
         )
 
-    def _capture(self, lane: _ProfileLane, profile: Profile, pad_id: int) -> None:
+    def _capture(self, profile: Profile, pad_id: int) -> _CapturedGraph:
         """Capture the encoder once at (max_batch, max_seq_len); replays read the static inputs."""
         torch = self._torch
         rows, width = profile.max_batch, profile.max_seq_len
         static_ids = torch.full((rows, width), pad_id, dtype=torch.int32, device=self._device)
         static_lengths = torch.full((rows,), width, dtype=torch.int32, device=self._device)
+        self._compute_stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._compute_stream):
             # Warm-up on the capture stream lets lazy initialisation (cuBLAS handles, autotuning)
             # happen outside the capture, as CUDA graphs require.
@@ -310,7 +317,7 @@ class _CudaPipeline:
         # pool are only safe when replayed in their capture order.
         with torch.cuda.graph(graph, stream=self._compute_stream):
             static_out = self._encoder(static_ids, static_lengths)
-        lane.captured = _CapturedGraph(graph, static_ids, static_lengths, static_out)
+        return _CapturedGraph(graph, static_ids, static_lengths, static_out)
 
     def submit(self, profile: Profile, ids: np.ndarray, lengths: np.ndarray) -> Pending:
         torch = self._torch

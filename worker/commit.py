@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis
@@ -34,6 +34,9 @@ from embedq.keys import GROUP, JobKeys
 from embedq.protocol import PAYLOAD_FIELD
 from embedq.worker.output import MANIFEST_FILE, OutputDir
 from embedq.worker.writer import StagedPart
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class PartEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +162,52 @@ class Committer:
         """Replace a pending entry by new entries (halves of its batch), atomically; False if gone."""
         return bool(self._split(keys=[self.keys.stream, self.keys.failures],
                                 args=[GROUP, entry_id, *payloads]))
+
+
+class Step(Enum):
+    """How far a part has got; `commit_steps` yields each step as it completes."""
+
+    STAGED = "staged"  # written and fsynced under its staging name
+    DROPPED = "dropped"  # some of its entries were settled elsewhere: discarded, to be redone without them
+    SETTLED = "settled"  # committed in Redis (manifest, dead letters, XACK)
+    PUBLISHED = "published"  # renamed to its visible name
+
+
+def commit_steps(
+    rows_for: Callable[[frozenset[str]], tuple[pa.Table | None, Settlement]],
+    stage: Callable[[str, pa.Table], StagedPart],
+    settle: Callable[[Settlement], SettleResult],
+    publish: Callable[[str], None],
+    discard: Callable[[str], None],
+    next_name: Callable[[], str],
+) -> Iterator[Step]:
+    """The protocol for one window, one step at a time (a generator, so tests can stop it anywhere).
+
+    `rows_for(excluded)` gives the part's table and settlement without the entries in `excluded`
+    (those another worker settled first); the part is then staged, settled and published. A
+    crash at any step leaves the state that `reconcile` and reclaiming repair.
+    """
+    excluded: frozenset[str] = frozenset()
+    while True:
+        table, settlement = rows_for(excluded)
+        if not settlement.entries:
+            return
+        name = next_name()
+        if table is not None and table.num_rows:
+            settlement.part = stage(name, table)
+            yield Step.STAGED
+        result = settle(settlement)
+        if result.outcome is Outcome.GONE:
+            if settlement.part is not None:
+                discard(name)
+            excluded = excluded | frozenset(result.gone)
+            yield Step.DROPPED
+            continue
+        yield Step.SETTLED
+        if settlement.part is not None:
+            publish(name)
+            yield Step.PUBLISHED
+        return
 
 
 def manifest_entries(client: redis.Redis, keys: JobKeys) -> dict[str, PartEntry]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import redis
 
 from embedq import deadletter
@@ -40,13 +41,21 @@ from embedq.model import ModelInfo
 from embedq.protocol import BatchMessage, encode_batch
 from embedq.status import live_workers
 from embedq.tokenization import TokenizedDocs, Tokenizer
-from embedq.worker.commit import Committer, Outcome, Settlement, part_name, reconcile, write_manifest_file
+from embedq.worker.commit import (
+    Committer,
+    Settlement,
+    Step,
+    commit_steps,
+    part_name,
+    reconcile,
+    write_manifest_file,
+)
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
 from embedq.worker.lease import InFlight, Lease
 from embedq.worker.output import OutputDir, describe_os_error
 from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
 from embedq.worker.window import DocumentRules, Window, assemble, tokenize
-from embedq.worker.writer import PartWriter, output_schema, part_metadata
+from embedq.worker.writer import PartWriter, StagedPart, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
 
@@ -135,6 +144,9 @@ class Worker:
         self._last_log = time.monotonic()
         self._state = "starting"
         self._canary: TokenizedDocs | None = None
+        schema = output_schema(self.record.id_type, self.model.dim, self.options.output_dtype, part_metadata(
+            self.keys.job, self.model.describe(), self.engine.name, self.engine.config.precision))
+        self._writer = PartWriter(self.output, schema)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -363,9 +375,6 @@ class Worker:
         _keep_documents(window, keep)
 
     def _commit_loop(self) -> None:
-        schema = output_schema(self.record.id_type, self.model.dim, self.options.output_dtype, part_metadata(
-            self.keys.job, self.model.describe(), self.engine.name, self.engine.config.precision))
-        writer = PartWriter(self.output, schema)
         while not self._abort.is_set():
             try:
                 window = self._to_commit.get(timeout=0.2)
@@ -374,52 +383,57 @@ class Worker:
             if window is _END:
                 return
             self._state = "committing"
-            self._commit(writer, window)
+            self._commit(window)
             self.lease.progressed()
             self._log_progress()
 
-    def _commit(self, writer: PartWriter, window: Window) -> None:
-        while window.all_entries:
-            entries = window.all_entries
-            self._parts += 1
-            name = part_name(self._parts, self.id)
-            staged = self._stage(writer, name, window) if len(window) else None
-            settlement = Settlement(
-                entries=entries, part=staged, seqs=sorted({m.seq for m in window.messages}),
-                tokens=int(window.tokens.lengths.sum()), dead=window.dead,
-                dead_entries=len(window.dead_entries))
-            result = self._redis(lambda s=settlement: self.committer.settle(s), "commit a part")
-            if result.outcome is Outcome.GONE:
+    def _commit(self, window: Window) -> None:
+        entries = list(window.all_entries)
+        dropped = 0
+
+        def rows_for(excluded: frozenset[str]) -> tuple[pa.Table | None, Settlement]:
+            nonlocal dropped
+            if excluded:
                 # Another worker settled some of these batches (this one lost its lease on them):
                 # drop them from the part and commit the rest under a new name.
-                if staged is not None:
-                    self.output.discard(name)
                 before = len(window)
-                _drop_entries(window, set(result.gone))
-                self.report.duplicates_dropped += before - len(window)
-                self.in_flight.discard(list(result.gone))
-                log.info("%d batch(es) were committed by another worker; dropped %d duplicate documents",
-                         len(result.gone), before - len(window))
-                if not window.all_entries:
-                    return
-                continue
-            if staged is not None:
-                self.output.publish(name)
-                self.report.parts += 1
-            self.report.documents += len(window)
-            self.report.tokens += int(window.tokens.lengths.sum())
-            self.report.dead_documents += settlement.dead_docs
-            self.in_flight.discard(entries)
-            return
+                _drop_entries(window, set(excluded))
+                dropped += before - len(window)
+                log.info("%d batch(es) were committed by another worker; dropping %d duplicate documents",
+                         len(excluded), before - len(window))
+            table = None
+            if len(window):
+                assert window.embeddings is not None
+                table = self._writer.table(window.doc_ids, window.embeddings, window.tokens.lengths,
+                                           window.tokens.truncated)
+            return table, Settlement(entries=window.all_entries, seqs=sorted({m.seq for m in window.messages}),
+                                     tokens=int(window.tokens.lengths.sum()), dead=window.dead,
+                                     dead_entries=len(window.dead_entries))
 
-    def _stage(self, writer: PartWriter, name: str, window: Window) -> Any:
-        assert window.embeddings is not None
-        table = writer.table(window.doc_ids, window.embeddings, window.tokens.lengths, window.tokens.truncated)
+        def next_name() -> str:
+            self._parts += 1
+            return part_name(self._parts, self.id)
+
+        steps = commit_steps(
+            rows_for, self._stage,
+            lambda settlement: self._redis(lambda: self.committer.settle(settlement), "commit a part"),
+            self.output.publish, self.output.discard, next_name)
+        for step in steps:
+            if step is Step.PUBLISHED:
+                self.report.parts += 1
+            elif step is Step.SETTLED:
+                self.report.documents += len(window)
+                self.report.tokens += int(window.tokens.lengths.sum())
+                self.report.dead_documents += sum(len(d.doc_ids) for d in window.dead)
+        self.report.duplicates_dropped += dropped
+        self.in_flight.discard(entries)
+
+    def _stage(self, name: str, table: pa.Table) -> StagedPart:
         deadline = time.monotonic() + self.options.disk_retry_seconds
         delay = 1.0
         while True:
             try:
-                return writer.stage(name, table)
+                return self._writer.stage(name, table)
             except OSError as exc:
                 message = describe_os_error(exc, self.output.path)
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or time.monotonic() > deadline \

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedq import engines
-from embedq.engines import BACKENDS, available_backends, create_engine, resolve_backend
+from embedq.engines import BACKENDS, available_backends, create_engine, resolve_backend, resolve_device
 from embedq.engines.base import Engine, EngineConfig, Profile
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
@@ -76,8 +76,8 @@ def test_cuda_without_a_gpu_is_an_engine_error(model_info: ModelInfo) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     engine = create_engine("torch", EngineConfig(model_info, (Profile(16, 4),), device="cuda"))
-    with pytest.raises(EngineError, match="no CUDA GPU"):
-        engine.__enter__()
+    with pytest.raises(EngineError, match="no CUDA GPU"), engine:
+        pass
 
 
 def test_an_unknown_backend_is_an_engine_error_naming_the_choices(model_info: ModelInfo) -> None:
@@ -112,15 +112,41 @@ def test_auto_picks_the_measured_cpu_backend_and_torch_on_cuda_without_tensorrt(
     assert set(available_backends()) == {"torch", "onnxruntime"}
 
 
-def test_importing_the_engines_needs_neither_torch_nor_onnxruntime() -> None:
+def test_the_engines_import_without_torch_or_onnxruntime_and_say_what_to_install() -> None:
     # A None entry in sys.modules makes any import of that name fail, as if it were not installed.
     code = (
         "import sys\n"
         "for name in ('torch', 'onnxruntime', 'onnx', 'transformers', 'tensorrt'):\n"
         "    sys.modules[name] = None\n"
-        "import embedq.engines, embedq.engines.torch_engine, embedq.engines.onnxruntime_engine\n"
+        "import embedq.engines.torch_engine, embedq.engines.onnxruntime_engine\n"
         "import embedq.engines.onnx_export, embedq.engines.pooling, embedq.engines.cache\n"
-        "print(embedq.engines.BACKENDS)\n"
+        "from embedq.engines import available_backends, create_engine, resolve_device\n"
+        "from embedq.engines.base import EngineConfig, Profile\n"
+        "from embedq.errors import EngineError\n"
+        "from embedq.model import load_model_info\n"
+        "assert available_backends() == () and resolve_device('auto') == 'cpu'\n"
+        "try:\n"
+        "    create_engine('torch', EngineConfig(load_model_info(), (Profile(16, 1),)))\n"
+        "except EngineError as exc:\n"
+        "    print(exc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
     assert done.returncode == 0, done.stderr
+    assert "needs torch, transformers" in done.stdout and "pip install torch transformers" in done.stdout
+
+
+@pytest.mark.parametrize(("name", "expected"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:3", "cuda:3")])
+def test_explicit_devices_are_taken_as_given(name: str, expected: str) -> None:
+    assert resolve_device(name) == expected
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:", "CPU", "mps"])
+def test_a_device_that_is_not_cpu_or_cuda_is_an_engine_error(name: str) -> None:
+    with pytest.raises(EngineError, match="not auto, cpu, cuda or cuda:N"):
+        resolve_device(name)
+
+
+def test_auto_device_is_cuda_only_where_torch_sees_a_gpu() -> None:
+    torch = pytest.importorskip("torch")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -100,3 +100,19 @@ def test_pooling_from_the_model_directory_is_what_the_engine_runs(
     assert cosine(embeddings, reference).min() >= MIN_COSINE
     np.testing.assert_allclose(embeddings, reference, atol=1e-4)
 
+
+
+def test_eager_attention_with_its_additive_mask_matches_sdpa(model_info: ModelInfo, sample: Sample) -> None:
+    import torch
+
+    from embedq.engines.torch_engine import load_encoder
+
+    docs = Tokenizer(model_info.tokenizer_file, model_info.max_seq_len).encode(sample.texts[-8:])
+    batch = next(padded_batches(docs, (Profile(model_info.max_seq_len, 8),), model_info.pad_token_id))
+    assert batch.lengths.min() < model_info.max_seq_len  # some rows are padded, so the mask matters
+    ids, lengths = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.lengths)
+    with torch.inference_mode():
+        sdpa = load_encoder(model_info, attention="sdpa")(ids, lengths).numpy()
+        eager = load_encoder(model_info, attention="eager")(ids, lengths).numpy()
+
+    np.testing.assert_allclose(eager, sdpa, atol=1e-5)
