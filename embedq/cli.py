@@ -273,8 +273,8 @@ def _worker_model(settings: Settings, record):  # type: ignore[no-untyped-def]
 
 def _engine(settings: Settings, info):  # type: ignore[no-untyped-def]
     from embedq.engines import create_engine, resolve_backend
-    from embedq.engines.device import resolve_device
     from embedq.engines.base import EngineConfig
+    from embedq.engines.device import resolve_device
     from embedq.worker.buckets import profile_table
 
     device = resolve_device(settings.device)

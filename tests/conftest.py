@@ -88,3 +88,28 @@ def gloss_texts(corpus_dir: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     return pq.read_table(corpus_dir / "glosses.parquet", columns=["text"]).column("text").to_pylist()
+
+
+def _mount(args: list[str], target: Path) -> bool:
+    target.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", *args, str(target)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a read-only filesystem (a tmpfs mounted ro; skipped where mounting is not allowed)."""
+    target = tmp_path / "ro"
+    if not _mount(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"], target):
+        pytest.skip("cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN); the injected-error tests cover it")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, to fill up (skipped where mounting is not allowed)."""
+    target = tmp_path / "small"
+    if not _mount(["-t", "tmpfs", "-o", "size=2m", "tmpfs"], target):
+        pytest.skip("cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN); the injected-error tests cover it")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)

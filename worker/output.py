@@ -39,6 +39,8 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return (f"The output directory {path} is not writable ({exc.strerror}). Fix its permissions or "
                 "mount, or point --out at a writable directory.")
+    if exc.errno == errno.ENOENT:
+        return f"The output directory {path} cannot be created ({exc.strerror}): is its parent on a real filesystem?"
     if exc.errno == errno.EDQUOT:
         return f"The disk quota for {path} is exhausted ({exc.strerror})."
     return f"Writing under {path} failed: {exc}"

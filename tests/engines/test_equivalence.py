@@ -53,7 +53,9 @@ def hidden_state_model(model_info: ModelInfo) -> Any:
     from transformers import AutoModel
 
     torch.set_num_threads(THREADS)
-    return AutoModel.from_pretrained(model_info.transformer_path, local_files_only=True).eval()
+    # fp32 stated, since transformers 5 otherwise loads weights in the dtype they are stored in.
+    return AutoModel.from_pretrained(model_info.transformer_path, local_files_only=True,
+                                     dtype=torch.float32).eval()
 
 
 def _model_dir_with_pooling(source: ModelInfo, pooling_key: str, destination: Path) -> Path:

@@ -1,0 +1,5 @@
+"""`python -m embedq` runs the command line."""
+
+from embedq.cli import main
+
+main()
