@@ -74,29 +74,16 @@ def create_engine(backend: str, config: EngineConfig, **options: Any) -> Engine:
 
 
 def resolve_backend(name: str, device: str) -> str:
-    """The backend `name` stands for on `device`: itself, or for "auto" the one expected fastest there."""
+    """The backend `name` stands for on a resolved `device` (see `device.resolve_device`): itself, or for
+    "auto" the one expected fastest there."""
     if name != "auto":
         _backend(name)
         return name
-    if resolve_device(device).startswith("cuda"):
+    if device.startswith("cuda"):
         if _REGISTRY["tensorrt"].built() and _tensorrt_importable():
             return "tensorrt"
         return "torch"
     return CPU_AUTO_BACKEND
-
-
-def resolve_device(name: str) -> str:
-    """`cpu`, `cuda` or `cuda:N` as given (checked), or for "auto" `cuda` where torch sees a GPU, else `cpu`."""
-    if name == "auto":
-        if not _installed("torch"):
-            return "cpu"
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if name in ("cpu", "cuda") or (kind == "cuda" and index.isdigit()):
-        return name
-    raise EngineError(f"device {name!r} is not auto, cpu, cuda or cuda:N.")
 
 
 def available_backends() -> tuple[str, ...]:

@@ -11,7 +11,7 @@ The graph (the contract ONNX Runtime runs and the TensorRT backend builds from; 
 Right padding with the model's pad id; the attention mask `arange(sequence) < lengths[:, None]`
 is computed inside the graph, so callers hand over exactly what the `Engine` protocol gets. int32,
 not int64: it is what the tokenizer produces, half the bytes to copy, and TensorRT's native index
-type. Weights and computation are fp32 (opset 17). `batch` and `sequence` are dynamic.
+type. Weights and computation are fp32 (opset 17). `batch` and `sequence` are dynamic; `dim` is fixed.
 The file's metadata (`embedq.*` keys) records the model digest, pooling, normalization and
 dimension. The cache folder is keyed by model digest, pooling, normalization and `EXPORT_FORMAT`.
 """

@@ -113,3 +113,32 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN); the injected-error tests cover it")
     yield target
     subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, model_info) -> Path:
+    """A small random-weight BERT with MiniLM's tokenizer, in sentence-transformers layout.
+
+    For fault and chaos tests, where what matters is that every document comes out exactly once,
+    not what its vector is, and thousands of documents must go through two CPU cores quickly.
+    """
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=model_info.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(root)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_info.path / name).exists():
+            shutil.copy(model_info.path / name, root / name)
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+    (root / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},'
+        ' {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]')
+    (root / "sentence_bert_config.json").write_text('{"max_seq_length": 128}')
+    return root

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,3 +137,26 @@ def read_output(out: Path) -> dict[Any, np.ndarray]:
     assert len(ids) == len(set(ids)), "an id appears twice in the output"
     vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
     return dict(zip(ids, vectors, strict=True))
+
+
+def embedq_process(*args: str, env: dict[str, str] | None = None, log: Path | None = None
+                   ) -> subprocess.Popen[bytes]:
+    """Start the CLI in its own process (so a test can signal or kill it)."""
+    full_env = {**os.environ, "EMBEDQ_BACKEND": "torch", "EMBEDQ_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    sink = log.open("ab") if log is not None else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "embedq", *args], env=full_env, stdout=sink,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def committed(client: redis.Redis, keys: JobKeys) -> int:
+    return int(client.hget(keys.stats, "docs_committed") or 0)

@@ -500,7 +500,8 @@ class Worker:
             yield
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                # Once a stop was asked for, a further signal during the final steps exits at once.
+                signal.signal(sig, _exit_now if self.report.stopped_by_signal else handler)
 
     def _status(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._started)
@@ -519,6 +520,10 @@ class Worker:
         log.info("worker %s: %d documents, %d parts, %.0f docs/s, %.0f tokens/s, %d dead-lettered",
                  self.id, self.report.documents, self.report.parts, status["docs_per_s"],
                  status["tokens_per_s"], self.report.dead_documents)
+
+
+def _exit_now(signum: int, _frame: Any) -> None:
+    os._exit(130)
 
 
 def _default_tokenizer(model: ModelInfo) -> Callable[[list[str]], TokenizedDocs]:

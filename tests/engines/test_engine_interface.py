@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from embedq import engines
-from embedq.engines import BACKENDS, available_backends, create_engine, resolve_backend, resolve_device
+from embedq.engines import BACKENDS, available_backends, create_engine, resolve_backend
 from embedq.engines.base import Engine, EngineConfig, Profile
+from embedq.engines.device import cuda_device_count, resolve_device
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
 
@@ -120,7 +121,8 @@ def test_the_engines_import_without_torch_or_onnxruntime_and_say_what_to_install
         "    sys.modules[name] = None\n"
         "import embedq.engines.torch_engine, embedq.engines.onnxruntime_engine\n"
         "import embedq.engines.onnx_export, embedq.engines.pooling, embedq.engines.cache\n"
-        "from embedq.engines import available_backends, create_engine, resolve_device\n"
+        "from embedq.engines import available_backends, create_engine\n"
+        "from embedq.engines.device import resolve_device\n"
         "from embedq.engines.base import EngineConfig, Profile\n"
         "from embedq.errors import EngineError\n"
         "from embedq.model import load_model_info\n"
@@ -136,9 +138,10 @@ def test_the_engines_import_without_torch_or_onnxruntime_and_say_what_to_install
     assert "needs torch, transformers" in done.stdout and "pip install torch transformers" in done.stdout
 
 
-@pytest.mark.parametrize(("name", "expected"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:3", "cuda:3")])
-def test_explicit_devices_are_taken_as_given(name: str, expected: str) -> None:
-    assert resolve_device(name) == expected
+def test_a_cuda_device_this_machine_lacks_is_an_engine_error() -> None:
+    missing = f"cuda:{cuda_device_count()}"
+    with pytest.raises(EngineError, match="not available"):
+        resolve_device(missing)
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:", "CPU", "mps"])
@@ -148,5 +151,5 @@ def test_a_device_that_is_not_cpu_or_cuda_is_an_engine_error(name: str) -> None:
 
 
 def test_auto_device_is_cuda_only_where_torch_sees_a_gpu() -> None:
-    torch = pytest.importorskip("torch")
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == ("cuda:0" if cuda_device_count() else "cpu")
+    assert resolve_device("cpu") == "cpu"
