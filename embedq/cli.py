@@ -129,6 +129,16 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 TokenBudgetOpt = Annotated[int | None, typer.Option(
     "--token-budget", help="Padded tokens per engine batch. Default: 8192 on CPU, 65536 on GPU.",
     rich_help_panel=_WORKER, show_default=False)]
+SeqLensOpt = Annotated[str | None, typer.Option(
+    "--seq-lens", help="Bucket sequence lengths, comma-separated (`embedq profile SOURCE` proposes them). "
+    "Default: a table of steps of about 1.4x up to the model's maximum.", rich_help_panel=_WORKER,
+    show_default=False)]
+TokProcOpt = Annotated[int | None, typer.Option(
+    "--tokenizer-processes", help="Processes that tokenize for the worker. Default: all cores but two on a "
+    "GPU node, 0 (in the worker) on a CPU node.", rich_help_panel=_WORKER, show_default=False)]
+GraphsOpt = Annotated[bool | None, typer.Option(
+    "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (helps small batches).",
+    rich_help_panel=_WORKER, show_default=False)]
 WindowOpt = Annotated[int | None, typer.Option(
     "--window-docs", help="Documents sorted by length together and written as one part. Default: 16384.",
     rich_help_panel=_WORKER, show_default=False)]
@@ -272,20 +282,37 @@ def _worker_model(settings: Settings, record):  # type: ignore[no-untyped-def]
 
 
 def _engine(settings: Settings, info):  # type: ignore[no-untyped-def]
+    from embedq.config import parse_seq_lens
     from embedq.engines import create_engine, resolve_backend
     from embedq.engines.base import EngineConfig
     from embedq.engines.device import resolve_device
-    from embedq.worker.buckets import profile_table
+    from embedq.worker.buckets import DEFAULT_SEQ_LENS, profile_table
 
     device = resolve_device(settings.device)
     on_gpu = device.startswith("cuda")
     precision = settings.precision if settings.precision != "auto" else ("fp16" if on_gpu else "fp32")
-    budget = settings.token_budget or (65536 if on_gpu else 8192)
+    # CPU: 1k-4k token batches ran as fast as larger ones (2 cores, MiniLM); GPU: 64k-token batches
+    # kept the H200 busiest in eager mode (engine measurements, 2026-11-28).
+    budget = settings.token_budget or (65536 if on_gpu else 4096)
     backend = resolve_backend(settings.backend, device)
-    profiles = profile_table(info.max_seq_len, budget)
+    seq_lens = parse_seq_lens(settings.seq_lens) if settings.seq_lens else DEFAULT_SEQ_LENS
+    profiles = profile_table(info.max_seq_len, budget, seq_lens)
     config = EngineConfig(model=info, profiles=profiles, device=device, precision=precision,
                           threads=settings.threads)
-    return create_engine(backend, config)
+    options = {"cuda_graphs": True} if settings.cuda_graphs and backend == "torch" else {}
+    return create_engine(backend, config, **options)
+
+
+@contextlib.contextmanager
+def _tokenizer(settings: Settings, info, device: str) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    """The worker's tokenizer: a pool of processes on GPU nodes, in-process on CPU nodes."""
+    from embedq.tokenization import TokenizerPool, default_tokenizer_processes
+
+    processes = settings.tokenizer_processes
+    if processes is None:
+        processes = default_tokenizer_processes(device)
+    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes) as pool:
+        yield pool.encode
 
 
 def _worker_options(settings: Settings, **extra: Any):  # type: ignore[no-untyped-def]
@@ -302,7 +329,8 @@ def _worker_options(settings: Settings, **extra: Any):  # type: ignore[no-untype
 def work(
     job: JobOpt, out: OutOpt,
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
-    threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, window_docs: WindowOpt = None,
+    threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None,
+    tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None,
     lease_seconds: LeaseOpt = None, max_failures: FailuresOpt = None, max_deliveries: DeliveriesOpt = None,
     shutdown_timeout: ShutdownOpt = None, output_dtype: DtypeOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
@@ -318,7 +346,8 @@ def work(
     from embedq.worker.worker import Worker
 
     settings = _settings(model=model, backend=backend, device=device, precision=precision, threads=threads,
-                         token_budget=token_budget, window_docs=window_docs, lease_seconds=lease_seconds,
+                         token_budget=token_budget, seq_lens=seq_lens, tokenizer_processes=tokenizer_processes,
+                         cuda_graphs=cuda_graphs, window_docs=window_docs, lease_seconds=lease_seconds,
                          max_failures=max_failures, max_deliveries=max_deliveries,
                          shutdown_timeout=shutdown_timeout, output_dtype=output_dtype, redis=redis,
                          key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -327,8 +356,8 @@ def work(
     output = open_output(out)
     record = _wait_for_job(client, keys, wait)
     info = _worker_model(settings, record)
-    with _engine(settings, info) as engine:
-        worker = Worker(client, keys, record, info, engine, output, _worker_options(settings))
+    with _engine(settings, info) as engine, _tokenizer(settings, info, engine.config.device) as encode:
+        worker = Worker(client, keys, record, info, engine, output, _worker_options(settings), encode=encode)
         report = worker.run()
     state = "job complete" if report.job_complete else ("stopped by signal" if report.stopped_by_signal
                                                         else "stopped")
@@ -350,8 +379,9 @@ def run(
     batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
     allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None,
     backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, threads: ThreadsOpt = None,
-    token_budget: TokenBudgetOpt = None, window_docs: WindowOpt = None, output_dtype: DtypeOpt = None,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None,
+    token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
+    cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, output_dtype: DtypeOpt = None,
+    pretokenize: PretokOpt = None, redis: RedisOpt = None, key_prefix: PrefixOpt = None,
 ) -> None:
     """Embed SOURCE into DIR end to end on this machine (producer and worker in one process).
 
@@ -368,8 +398,9 @@ def run(
     flags = dict(model=model, pooling=pooling, normalize=normalize, max_seq_len=max_seq_len,
                  batch_size=batch_size, backlog=backlog, max_doc_bytes=max_doc_bytes, allow_empty=allow_empty,
                  allow_duplicate_ids=allow_duplicate_ids, backend=backend, device=device, precision=precision,
-                 threads=threads, token_budget=token_budget, window_docs=window_docs, output_dtype=output_dtype,
-                 key_prefix=key_prefix)
+                 threads=threads, token_budget=token_budget, seq_lens=seq_lens,
+                 tokenizer_processes=tokenizer_processes, cuda_graphs=cuda_graphs, window_docs=window_docs,
+                 output_dtype=output_dtype, pretokenize=pretokenize, key_prefix=key_prefix)
     settings = _settings(redis=redis, **flags)
     output = open_output(out)
     info = _model(settings)
@@ -388,8 +419,8 @@ def run(
         publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop), daemon=True,
                                      name="embedq-producer")
         producer.stopping = stop.is_set
-        with _engine(settings, info) as engine:
-            worker = Worker(client, keys, record, info, engine, output, _worker_options(settings))
+        with _engine(settings, info) as engine, _tokenizer(settings, info, engine.config.device) as encode:
+            worker = Worker(client, keys, record, info, engine, output, _worker_options(settings), encode=encode)
             publisher.start()
             with ProgressReport(f"embed {name}", record.documents) as bar, _poll(
                     lambda: read_status(client, keys), lambda s: bar.update(s.settled_documents, s.tokens)):
@@ -443,6 +474,63 @@ def _default_job_name(source: str, fingerprint: str) -> str:
     stem = "stdin" if source == "-" else Path(source.rstrip("/")).name.split(".")[0]
     clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-._")[:40] or "job"
     return f"{clean}-{fingerprint.split(':')[-1][:8]}"
+
+
+@app.command()
+def profile(
+    source: Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False)],
+    fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
+    text_unit: TextUnitOpt = "line", model: ModelOpt = None, max_seq_len: MaxSeqOpt = None,
+    sample: Annotated[int, typer.Option("--sample", help="Documents to tokenize (the first N).")] = 100_000,
+    target_waste: Annotated[float, typer.Option("--target-waste", help="Padding allowed over real tokens.")] = 0.10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Propose bucket lengths (--seq-lens) for SOURCE from its token-length histogram.
+
+    Pads at most --target-waste over the real tokens with the fewest profiles.
+    """
+    import numpy as np
+
+    from embedq.producer.sources import open_source
+    from embedq.tokenization import Tokenizer
+    from embedq.worker.buckets import fit_seq_lens, profile_table, sequence_padding
+
+    settings = _settings(model=model, max_seq_len=max_seq_len)
+    info = _model(settings)
+    tokenizer = Tokenizer(info.tokenizer_file, info.max_seq_len)
+    lengths, truncated, seen = [], 0, 0
+    with open_source(_source_spec(source, fmt, id_field, text_field, text_unit)) as src:
+        for chunk in src.chunks(chunk_size=8192):
+            texts = [t for i, t in enumerate(chunk.texts[: sample - seen]) if i not in chunk.problems]
+            docs = tokenizer.encode(texts)
+            lengths.append(docs.lengths)
+            truncated += int(docs.truncated.sum())
+            seen += len(chunk.texts)
+            if seen >= sample:
+                break
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    if not all_lengths.size:
+        raise UsageError("no usable documents in the sample")
+    default = tuple(p.max_seq_len for p in profile_table(info.max_seq_len, 1 << 16))
+    proposed = fit_seq_lens(all_lengths, info.max_seq_len, target_waste=target_waste)
+    report = {
+        "documents": int(all_lengths.size), "tokens": int(all_lengths.sum()),
+        "mean": float(all_lengths.mean()),
+        "percentiles": {p: int(np.percentile(all_lengths, p)) for p in (50, 90, 99)},
+        "max": int(all_lengths.max()), "truncated": truncated, "max_seq_len": info.max_seq_len,
+        "default_seq_lens": list(default), "default_padding": sequence_padding(all_lengths, default),
+        "seq_lens": list(proposed), "padding": sequence_padding(all_lengths, proposed),
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    pct = report["percentiles"]
+    typer.echo(f"{report['documents']:,} documents, {report['tokens']:,} tokens: mean {report['mean']:.1f}, "
+               f"p50 {pct[50]}, p90 {pct[90]}, p99 {pct[99]}, max {report['max']} "
+               f"({truncated:,} truncated at {info.max_seq_len})")
+    typer.echo(f"default profiles pad to {report['default_padding']:.3f}x the real tokens")
+    typer.echo(f"proposed profiles pad to {report['padding']:.3f}x with {len(proposed)} lengths:")
+    typer.echo(f"  --seq-lens {','.join(map(str, proposed))}")
 
 
 # -- status, verify, dead letters, gc, delete ------------------------------------------------------

@@ -49,6 +49,9 @@ class Settings:
     precision: str = "auto"
     threads: int | None = None
     token_budget: int | None = None  # padded tokens per engine batch; None: by device
+    seq_lens: str | None = None  # comma-separated profile lengths (from `embedq profile`); None: default table
+    tokenizer_processes: int | None = None  # None: all cores but two on a GPU node, none on a CPU node
+    cuda_graphs: bool = False
     window_docs: int = 16384  # documents sorted and bucketed together, and written as one part
     prefetch: int = 2  # windows prepared ahead of the engine
     lease_seconds: float = 30.0
@@ -76,6 +79,8 @@ class Settings:
             raise UsageError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         if self.pooling not in (None, "mean", "cls", "last"):
             raise UsageError(f"pooling must be mean, cls or last, got {self.pooling!r}")
+        if self.seq_lens is not None:
+            parse_seq_lens(self.seq_lens)
         return self
 
 
@@ -133,3 +138,14 @@ def _parse(name: str, raw: str, hint: Any, where: str) -> Any:
     except ValueError as exc:
         raise UsageError(f"{where}: {name} = {raw!r} is not a valid {text}") from exc
     return raw
+
+
+def parse_seq_lens(text: str) -> tuple[int, ...]:
+    """`"16,32,64"` -> (16, 32, 64): the sequence lengths of the bucket profiles."""
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError as exc:
+        raise UsageError(f"seq-lens must be comma-separated integers, got {text!r}") from exc
+    if not values or values[0] < 1:
+        raise UsageError(f"seq-lens must be positive integers, got {text!r}")
+    return values

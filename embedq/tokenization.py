@@ -7,8 +7,11 @@ lists: moving ids out of the Encoding objects is half of the tokenizer's cost (T
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import multiprocessing
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +82,76 @@ class Tokenizer:
         # Encoding.overflowing holds the cut-off rest; only a truncated document has one.
         truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
         return TokenizedDocs(tokens, lengths, truncated)
+
+
+# One tokenizer per pool process, made by the initializer (a Tokenizer does not pickle cheaply).
+_process_tokenizer: Tokenizer | None = None
+
+
+def _start_process(tokenizer_file: str, max_seq_len: int) -> None:
+    global _process_tokenizer
+    # One thread per process: the pool's processes are the parallelism, and rayon threads on top
+    # would only fight them for the same cores.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _process_tokenizer = Tokenizer(tokenizer_file, max_seq_len)
+
+
+def _encode_in_process(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert _process_tokenizer is not None
+    docs = _process_tokenizer.encode(texts)
+    return docs.tokens, docs.lengths, docs.truncated
+
+
+class TokenizerPool:
+    """Tokenization spread over processes, so the GIL of the worker is not its limit.
+
+    Each process runs the `tokenizers` library single-threaded and hands ids back as numpy arrays
+    (pickled as raw buffers, not Python lists). Texts are cut into chunks of `chunk_size`; results
+    come back in order. `processes=0` tokenizes in the calling thread (small machines, tests).
+    """
+
+    def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, processes: int,
+                 chunk_size: int = 2048) -> None:
+        self.processes = processes
+        self.chunk_size = chunk_size
+        self._local = Tokenizer(tokenizer_file, max_seq_len) if processes == 0 else None
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        if processes > 0:
+            # spawn, not fork: the worker process may already hold a CUDA context and threads.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len))
+            # Start every process now, so the first window does not pay for their start-up.
+            list(self._pool.map(_encode_in_process, [["warm up"]] * processes))
+
+    def encode(self, texts: list[str]) -> TokenizedDocs:
+        """Token ids of `texts`, in order."""
+        if self._local is not None:
+            return self._local.encode(texts)
+        assert self._pool is not None
+        chunks = [texts[i:i + self.chunk_size] for i in range(0, len(texts), self.chunk_size)]
+        parts = [TokenizedDocs(*result) for result in self._pool.map(_encode_in_process, chunks)]
+        return TokenizedDocs.concat(parts)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> TokenizerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_tokenizer_processes(device: str) -> int:
+    """Processes for the tokenizer pool: on a GPU node all cores but two (the engine and the
+    fetch/commit threads keep those); on a CPU node none, since inference needs the cores."""
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, (os.cpu_count() or 2) - 2)
+
+
+Encode = Callable[[list[str]], TokenizedDocs]

@@ -40,7 +40,7 @@ from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.protocol import BatchMessage, encode_batch
 from embedq.status import live_workers
-from embedq.tokenization import TokenizedDocs, Tokenizer
+from embedq.tokenization import Encode, TokenizedDocs, Tokenizer
 from embedq.worker.commit import (
     Committer,
     Settlement,
@@ -80,6 +80,17 @@ class WorkerOptions:
 
 
 @dataclass
+class StageCounters:
+    """Documents through each stage so far; read by `status` and sampled by `embedq bench`."""
+
+    fetched: int = 0
+    tokenized: int = 0
+    embedded: int = 0
+    committed: int = 0
+    tokens_embedded: int = 0
+
+
+@dataclass
 class WorkerReport:
     """What one worker run did."""
 
@@ -93,6 +104,7 @@ class WorkerReport:
     job_complete: bool = False
     stopped_by_signal: bool = False
     engine: EngineStats = field(default_factory=EngineStats)
+    stages: StageCounters = field(default_factory=StageCounters)
 
 
 def new_worker_id() -> str:
@@ -112,9 +124,7 @@ class Worker:
 
     def __init__(self, client: redis.Redis, keys: JobKeys, record: JobRecord, model: ModelInfo,
                  engine: Engine, output: OutputDir, options: WorkerOptions,
-                 worker_id: str | None = None,
-                 tokenizer_factory: Callable[[ModelInfo], Callable[[list[str]], TokenizedDocs]] | None = None,
-                 ) -> None:
+                 worker_id: str | None = None, encode: Encode | None = None) -> None:
         check_model(record, model)
         self.client = client
         self.keys = keys
@@ -132,8 +142,7 @@ class Worker:
                            self._status)
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
                                    vocab_size=model.vocab_size, max_tokens=model.max_seq_len)
-        self._tokenizer_factory = tokenizer_factory or _default_tokenizer
-        self._encode: Callable[[list[str]], TokenizedDocs] | None = None
+        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len).encode
         self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
         self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=2)
         self._stop_reading = threading.Event()
@@ -158,7 +167,6 @@ class Worker:
                               live_workers=set(live_workers(self.client, self.keys)))
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
-        self._encode = self._tokenizer_factory(self.model)
         self._canary = Tokenizer(self.model.tokenizer_file, self.model.max_seq_len).encode(["embedq canary"])
         restore = self._install_signals() if install_signals else contextlib.nullcontext()
         self.lease.start()
@@ -255,8 +263,10 @@ class Worker:
             window.entries = [window.entries[k] for k in keep]
             window.messages = [window.messages[k] for k in keep]
             window.deliveries = [window.deliveries[k] for k in keep]
-        assert self._encode is not None
-        return tokenize(window, self._encode, self.rules, self.id)
+        self.report.stages.fetched += sum(len(m) for m in window.messages)
+        window = tokenize(window, self._encode, self.rules, self.id)
+        self.report.stages.tokenized += len(window)
+        return window
 
     def _isolate_crash_poison(self, entry: str, message: BatchMessage, deliveries: int, window: Window) -> None:
         """A batch delivered max_deliveries times without being settled kills or stalls its workers.
@@ -292,6 +302,8 @@ class Worker:
             if len(window):
                 self._state = "embedding"
                 self._embed(window)
+                self.report.stages.embedded += len(window)
+                self.report.stages.tokens_embedded += int(window.tokens.lengths.sum())
             self.lease.progressed()
             self._put(self._to_commit, window)
 
@@ -423,6 +435,7 @@ class Worker:
                 self.report.parts += 1
             elif step is Step.SETTLED:
                 self.report.documents += len(window)
+                self.report.stages.committed += len(window)
                 self.report.tokens += int(window.tokens.lengths.sum())
                 self.report.dead_documents += sum(len(d.doc_ids) for d in window.dead)
         self.report.duplicates_dropped += dropped
@@ -524,10 +537,6 @@ class Worker:
 
 def _exit_now(signum: int, _frame: Any) -> None:
     os._exit(130)
-
-
-def _default_tokenizer(model: ModelInfo) -> Callable[[list[str]], TokenizedDocs]:
-    return Tokenizer(model.tokenizer_file, model.max_seq_len).encode
 
 
 def _keep_documents(window: Window, keep: np.ndarray) -> None:
