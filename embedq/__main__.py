@@ -2,4 +2,6 @@
 
 from embedq.cli import main
 
-main()
+# Guarded: the tokenizer pool starts its processes with "spawn", which imports this module again.
+if __name__ == "__main__":
+    main()

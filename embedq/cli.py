@@ -533,6 +533,68 @@ def profile(
     typer.echo(f"  --seq-lens {','.join(map(str, proposed))}")
 
 
+@app.command()
+def bench(
+    corpus: Annotated[list[str] | None, typer.Option(
+        "--corpus", help="glosses, passages (from --corpus-dir) or NAME=PATH of a Parquet file with id and text "
+        "columns; repeatable. Default: both.", show_default=False)] = None,
+    corpus_dir: Annotated[str | None, typer.Option(
+        "--corpus-dir", help="Where glosses.parquet and passages.parquet are (python shared/corpus/make.py DIR "
+        "builds them). Default: EMBEDQ_CORPUS_DIR or ~/.cache/embedq-test-corpus.", show_default=False)] = None,
+    model_names: Annotated[list[str] | None, typer.Option(
+        "--model", help="minilm (the real all-MiniLM-L6-v2), bert-base or tiny (random weights of that shape, "
+        "for speed only); repeatable. Default: minilm and bert-base.", show_default=False)] = None,
+    model_path: Annotated[str | None, typer.Option(
+        "--model-path", help="Directory of the MiniLM weights. Default: the bundled model.",
+        show_default=False)] = None,
+    tokenize: Annotated[list[str] | None, typer.Option(
+        "--tokenize", help="Where tokenization happens: worker, producer (--pretokenize); repeatable. Default: both.",
+        show_default=False)] = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Corpus copies (ids made distinct).")] = 1,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N documents of a corpus.",
+                                              show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cuda:N or cpu.")] = "cuda",
+    precision: Annotated[str, typer.Option("--precision", help="fp16, bf16 or fp32.")] = "fp16",
+    token_budget: Annotated[int, typer.Option("--token-budget", help="Padded tokens per engine batch.")] = 65536,
+    window_docs: Annotated[int, typer.Option("--window-docs", help="Documents per window and part.")] = 32768,
+    tokenizer_processes: Annotated[int | None, typer.Option(
+        "--tokenizer-processes", help="Tokenizer pool size. Default: all cores but two.", show_default=False)] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Capture a CUDA graph per profile.")] = False,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",
+                                            help="Also time sentence-transformers and the tokenizer alone.")] = True,
+    check_precision: Annotated[bool, typer.Option(
+        "--check-precision", help="Also compare fp16 and bf16 with fp32 on every document (GPU).")] = False,
+    json_out: Annotated[str, typer.Option("--json", help="Where to write the results.")] = "bench.json",
+    plot_out: Annotated[str, typer.Option("--plot", help="Where to draw throughput per stage.")] = "bench.png",
+    redis: RedisOpt = None,
+) -> None:
+    """Measure end-to-end throughput on this machine against the GPU-only ceiling, sentence-transformers
+    and the tokenizer alone; print a table, write JSON and a plot."""
+    from embedq.bench import SHAPES, run_bench
+
+    base = Path(corpus_dir or os.environ.get("EMBEDQ_CORPUS_DIR") or Path.home() / ".cache" / "embedq-test-corpus")
+    corpora = []
+    for item in corpus or ["passages", "glosses"]:
+        name, _, path = item.partition("=")
+        resolved = Path(path) if path else base / f"{name}.parquet"
+        if not resolved.is_file():
+            raise UsageError(f"corpus {name!r}: {resolved} does not exist; build it with "
+                             f"`python shared/corpus/make.py {base}` or pass NAME=PATH.")
+        corpora.append((name, resolved))
+    models = model_names or ["minilm", "bert-base"]
+    for name in models:
+        if name != "minilm" and name not in SHAPES:
+            raise UsageError(f"--model {name!r}: choose minilm or one of {', '.join(SHAPES)}")
+    modes = tokenize or ["producer", "worker"]
+    if set(modes) - {"worker", "producer"}:
+        raise UsageError("--tokenize takes worker or producer")
+    processes = tokenizer_processes if tokenizer_processes is not None else max(1, (os.cpu_count() or 2) - 2)
+    run_bench(corpora, models, modes, repeat=repeat, limit=limit, device=device, precision=precision,
+              redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
+              baselines=baselines, token_budget=token_budget, window_docs=window_docs,
+              check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path)
+
+
 # -- status, verify, dead letters, gc, delete ------------------------------------------------------
 
 @app.command()

@@ -111,6 +111,21 @@ def answers(url: str) -> bool:
         return False
 
 
+def _listening(url: str) -> bool:
+    """True if something accepts connections at `url`'s address (a TCP port or a unix socket)."""
+    parts = urlsplit(url)
+    try:
+        if parts.scheme == "unix":
+            with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+                sock.settimeout(1.0)
+                sock.connect(parts.path)
+        else:
+            socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=1.0).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -207,7 +222,11 @@ def redis_for_run(url: str | None, log: Callable[[str], None] = lambda _: None) 
     """The Redis for `embedq run`: the one at `url` (or the default) if it answers, else a private
     redis-server on a free loopback port that lives as long as the run."""
     target = url or DEFAULT_URL
-    if answers(target):
+    # Fall back only when nothing listens there. A server that listens but does not answer a plain
+    # PING (it wants a password, TLS with a CA, or another user) is the user's Redis: the caller's
+    # real connect must then fail with the reason (exit 5), not divert the job to a throwaway,
+    # unencrypted private server.
+    if answers(target) or _listening(target):
         yield target
         return
     with RedisServer() as server:

@@ -1,0 +1,145 @@
+"""Chaos: a whole job through the real CLI while its processes die, and still every id exactly once.
+
+Three workers, one SIGKILLed every few seconds and started again; the producer SIGKILLed once
+mid-way and started again; the private redis-server (AOF on) SIGKILLed once and started again on
+the same port and directory. Then the output directory is read the way a user reads it (a DuckDB
+glob, pyarrow.dataset) and `embedq verify` checks it: every source id once, none twice, none lost.
+
+The full size runs with `pytest -m chaos`; the bounded size runs in the normal suite (CI). Set
+EMBEDQ_CHAOS_REPORT=path.json to keep the figures (the README's reliability section quotes them).
+
+Redis runs with `appendfsync everysec`, the setting production uses. A SIGKILLed redis-server
+loses nothing it acknowledged under either setting: Redis write()s each command to the AOF before
+it replies, and the page cache outlives the process. `everysec` and `always` differ only when the
+machine itself dies (everysec can lose the last second); here the point is a restart mid-job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from embedq.keys import GROUP, JobKeys
+from tests.chaos import Chaos, ChaosFigures, ChaosPlan
+
+BOUNDED = ChaosPlan(documents=12_000, min_worker_kills=3, deadline=300)
+FULL = ChaosPlan(documents=100_000, min_worker_kills=20, deadline=1800)
+
+JOB = "chaos"
+
+
+@pytest.mark.parametrize("plan", [
+    pytest.param(BOUNDED, id="bounded", marks=[pytest.mark.slow, pytest.mark.timeout(600)]),
+    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(2700)]),
+])
+def test_every_document_comes_out_exactly_once_while_workers_producer_and_redis_are_killed(
+        plan: ChaosPlan, tiny_model: Path, gloss_texts: list[str], tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    assert len(gloss_texts) >= plan.documents
+    ids = [f"gloss-{i:06d}" for i in range(plan.documents)]
+    source = tmp_path / "glosses.parquet"
+    pq.write_table(pa.table({"id": ids, "text": gloss_texts[:plan.documents]}), source)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with Chaos(plan, source=source, out=out, model=tiny_model, root=tmp_path, job=JOB) as chaos:
+        figures = chaos.figures
+        try:
+            chaos.run()
+            assert figures.unexpected_exits == [], "a process died without being killed"
+            assert figures.worker_kills >= plan.min_worker_kills
+            assert figures.kills_holding_entries > 0, "no kill caught a worker holding batches"
+            assert (figures.producer_kills, figures.producer_restarts, figures.redis_restarts) == (1, 1, 1)
+
+            # The workers finalized the directory when the job completed: readers see it right already.
+            assert_a_glob_reads_every_id_once(out, source, plan.documents)
+            assert_redis_is_drained(chaos.client, chaos.keys, out, plan.documents)
+            assert_status_says_complete(chaos.url, plan.documents)
+
+            verify = embedq("verify", "--job", JOB, "--out", str(out), "--redis", chaos.url)
+            figures.verify_exit_code, figures.verify_output = verify.returncode, verify.stdout.strip()
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            assert f"job {JOB}: OK" in verify.stdout and "repaired" not in verify.stdout, verify.stdout
+            assert_a_glob_reads_every_id_once(out, source, plan.documents)
+            figures.parts = len(list(out.glob("*.parquet")))
+        except BaseException:
+            print(chaos.diagnostics())
+            raise
+        finally:
+            figures.seconds_total = round(time.monotonic() - started, 1)
+            report(request.node.callspec.id, figures)
+
+
+def assert_a_glob_reads_every_id_once(out: Path, source: Path, n: int) -> None:
+    """What a user's reader sees: DuckDB over `out/*.parquet`, pyarrow.dataset over the directory."""
+    import duckdb
+
+    names = sorted(os.listdir(out))
+    assert not [name for name in names if name.endswith(".tmp")], f"staged files left: {names}"
+    strays = [name for name in names if not (name.startswith("part-") and name.endswith(".parquet"))
+              and name not in ("_manifest.json", "_embedq.json")]
+    assert strays == [], f"unexpected files in the output directory: {strays}"
+
+    glob, src = _sql_text(f"{out}/*.parquet"), _sql_text(str(source))
+    with duckdb.connect() as db:
+        assert db.sql(f"select count(*), count(distinct id) from '{glob}'").fetchone() == (n, n)
+        assert db.sql(f"select count(*) from (select id from '{glob}' except select id from '{src}')"
+                      ).fetchone() == (0,), "ids in the output that are not in the source"
+        assert db.sql(f"select count(*) from (select id from '{src}' except select id from '{glob}')"
+                      ).fetchone() == (0,), "source ids missing from the output"
+
+    table = ds.dataset(str(out), format="parquet").to_table(columns=["id", "embedding"])
+    seen = table.column("id").to_pylist()
+    assert len(seen) == n and set(seen) == set(pq.read_table(source, columns=["id"]).column("id").to_pylist())
+    assert table.column("embedding").null_count == 0
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["documents"] == n
+    assert sorted(p["file"] for p in manifest["parts"]) == sorted(n for n in names if n.endswith(".parquet"))
+
+
+def assert_redis_is_drained(client: redis.Redis, keys: JobKeys, out: Path, n: int) -> None:
+    """Nothing left in the stream or pending, no dead letter, and the manifest is exactly the parts."""
+    assert client.xlen(keys.stream) == 0
+    assert client.xpending(keys.stream, GROUP)["pending"] == 0
+    assert client.xlen(keys.dead) == 0, "documents were dead-lettered"
+    assert int(client.hget(keys.stats, "docs_committed") or 0) == n
+    manifest = {name.decode() + ".parquet" for name in client.hkeys(keys.manifest)}
+    assert manifest == {p.name for p in out.glob("*.parquet")}
+
+
+def assert_status_says_complete(url: str, n: int) -> None:
+    status = embedq("status", "--job", JOB, "--json", "--redis", url)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert (state["state"], state["committed_documents"], state["dead_documents"]) == ("complete", n, 0)
+    assert (state["stream_entries"], state["pending_entries"]) == (0, 0)
+
+
+def embedq(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedq", *args], capture_output=True, text=True, timeout=600)
+
+
+def report(size: str, figures: ChaosFigures) -> None:
+    """Print the figures; also merge them into the JSON file EMBEDQ_CHAOS_REPORT names, by size."""
+    summary = figures.summary()
+    print(f"chaos ({size}):", json.dumps(summary, indent=1))
+    target = os.environ.get("EMBEDQ_CHAOS_REPORT")
+    if target:
+        path = Path(target)
+        existing = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**existing, size: summary}, indent=1) + "\n")
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
