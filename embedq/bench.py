@@ -320,7 +320,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
             src = stack.enter_context(open_source(SourceSpec(str(source_file))))
             options = ProducerOptions(batch_size=512, backlog=10**9)
             producer = Producer(client, keys, src, model, options,
-                                encode=pool.encode if scenario.pretokenize else None)
+                                tokenizer=pool if scenario.pretokenize else None)
             started = time.perf_counter()
             record = producer.prepare()
             producer.run()
@@ -328,7 +328,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
             client.config_resetstat()
             output = open_output(work_dir / f"out-{keys.job}")
             worker = Worker(client, keys, record, model, engine, output,
-                            WorkerOptions(window_docs=window_docs, prefetch=3, lease_seconds=60),
+                            WorkerOptions(window_docs=window_docs, prefetch=3, lease_seconds=60, commit_threads=4),
                             encode=None if scenario.pretokenize else pool.encode)
             stages = worker.report.stages
 

@@ -193,17 +193,25 @@ def _model(settings: Settings, path: str | None = None):  # type: ignore[no-unty
 
 # -- produce --------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def _producer(client, keys, source, model, settings: Settings, stopping=lambda: False):  # type: ignore[no-untyped-def]
+    """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.protocol import Limits
-    from embedq.tokenization import Tokenizer
+    from embedq.tokenization import TokenizerPool
 
     options = ProducerOptions(
         batch_size=settings.batch_size, backlog=settings.backlog, allow_empty=settings.allow_empty,
         allow_duplicate_ids=settings.allow_duplicate_ids, redis_retry_seconds=settings.redis_retry_seconds,
         limits=Limits(max_message_bytes=settings.max_message_bytes, max_doc_bytes=settings.max_doc_bytes))
-    encode = Tokenizer(model.tokenizer_file, model.max_seq_len).encode if settings.pretokenize else None
-    return Producer(client, keys, source, model, options, encode=encode, stopping=stopping)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if settings.pretokenize:
+            processes = settings.tokenizer_processes
+            if processes is None:
+                processes = max(0, (os.cpu_count() or 1) - 1)
+            pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
+        yield Producer(client, keys, source, model, options, tokenizer=pool, stopping=stopping)
 
 
 @app.command()
@@ -233,8 +241,8 @@ def produce(
     client = _connect(settings)
     keys = _keys(job, settings)
     info = _model(settings)
-    with open_source(_source_spec(source, fmt, id_field, text_field, text_unit)) as src:
-        producer = _producer(client, keys, src, info, settings)
+    with open_source(_source_spec(source, fmt, id_field, text_field, text_unit)) as src, \
+            _producer(client, keys, src, info, settings) as producer:
         record = producer.prepare()
         with ProgressReport(f"produce {job}", record.documents) as bar:
             report = producer.run(progress=lambda done, total: bar.update(done))
@@ -321,6 +329,7 @@ def _worker_options(settings: Settings, **extra: Any):  # type: ignore[no-untype
     return WorkerOptions(
         lease_seconds=settings.lease_seconds, max_failures=settings.max_failures,
         max_deliveries=settings.max_deliveries, window_docs=settings.window_docs, prefetch=settings.prefetch,
+        commit_threads=settings.commit_threads,
         shutdown_timeout=settings.shutdown_timeout, disk_retry_seconds=settings.disk_retry_seconds,
         redis_retry_seconds=settings.redis_retry_seconds, output_dtype=settings.output_dtype, **extra)
 
@@ -404,14 +413,15 @@ def run(
     settings = _settings(redis=redis, **flags)
     output = open_output(out)
     info = _model(settings)
-    with open_source(_source_spec(source, fmt, id_field, text_field, text_unit)) as src, \
-            redis_for_run(settings.redis_url, log=log.info) as url:
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open_source(_source_spec(source, fmt, id_field, text_field, text_unit)))
+        url = stack.enter_context(redis_for_run(settings.redis_url, log=log.info))
         settings = _settings(redis=url, **flags)
         client = _connect(settings)
         scan = src.scan()
         name = job or _default_job_name(source, scan.fingerprint)
         keys = _keys(name, settings)
-        producer = _producer(client, keys, src, info, settings)
+        producer = stack.enter_context(_producer(client, keys, src, info, settings))
         producer.scan = scan
         record = producer.prepare()
         stop = threading.Event()
@@ -436,7 +446,7 @@ def run(
                f"dead-lettered, {report.parts:,} parts in {output.path} ({report.seconds:.1f} s, "
                f"{report.documents / max(report.seconds, 1e-9):,.0f} docs/s)")
     if final.dead_documents:
-        typer.echo(f"see them with: embedq dead-letter list --job {name}" if url == settings.redis_url else "")
+        typer.echo(f"dead letters (ids and reasons) are listed in {output.path / '_dead_letters.jsonl'}")
     if not report.job_complete:
         raise typer.Exit(130 if report.stopped_by_signal else 1)
 
@@ -656,7 +666,7 @@ def dead_list(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """List dead letters: which documents, why, which worker, how many deliveries."""
-    from embedq.deadletter import list_dead
+    from embedq.deadletter import list_dead, summary
 
     settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     client = _connect(settings)
@@ -664,11 +674,7 @@ def dead_list(
     for entry in entries:
         letter = entry.letter
         if as_json:
-            typer.echo(json.dumps({"dead_id": entry.dead_id, "doc_ids": letter.doc_ids, "reason": letter.reason,
-                                   "error": letter.error, "worker": letter.worker, "deliveries": letter.deliveries,
-                                   "failures": letter.failures, "seq": letter.seq, "pos": letter.pos,
-                                   "entry_id": letter.entry_id, "replayable": letter.replayable,
-                                   "failed_at": letter.failed_at}))
+            typer.echo(json.dumps(summary(entry)))
         else:
             ids = ", ".join(map(repr, letter.doc_ids[:5])) + (" ..." if len(letter.doc_ids) > 5 else "")
             typer.echo(f"{entry.dead_id}  {letter.reason}: {len(letter.doc_ids)} doc(s) [{ids}] seq={letter.seq} "
@@ -774,7 +780,12 @@ def main() -> None:
     """Entry point: run the CLI, turning embedq's errors into a message and an exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click *returns* the code of a `typer.Exit(code)` raised in a
+        # command instead of raising it: pass it on, or `status` of a missing job, a declined
+        # `delete` and an interrupted `run` would all exit 0.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EmbedqError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

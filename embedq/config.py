@@ -54,6 +54,7 @@ class Settings:
     cuda_graphs: bool = False
     window_docs: int = 16384  # documents sorted and bucketed together, and written as one part
     prefetch: int = 2  # windows prepared ahead of the engine
+    commit_threads: int = 2  # parts written in parallel
     lease_seconds: float = 30.0
     max_failures: int = 3
     max_deliveries: int = 5

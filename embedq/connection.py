@@ -219,8 +219,8 @@ class RedisServer:
 
 @contextlib.contextmanager
 def redis_for_run(url: str | None, log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
-    """The Redis for `embedq run`: the one at `url` (or the default) if it answers, else a private
-    redis-server on a free loopback port that lives as long as the run."""
+    """The Redis for `embedq run`: the one at `url` (or the default) if anything listens there, else a
+    private redis-server on a free loopback port that lives as long as the run."""
     target = url or DEFAULT_URL
     # Fall back only when nothing listens there. A server that listens but does not answer a plain
     # PING (it wants a password, TLS with a CA, or another user) is the user's Redis: the caller's

@@ -111,6 +111,15 @@ def list_dead(client: redis.Redis, keys: JobKeys, *, count: int | None = None,
     return out
 
 
+def summary(entry: DeadEntry) -> dict[str, object]:
+    """A dead letter as a JSON-able row (without its payload): what `dead-letter list --json` prints."""
+    letter = entry.letter
+    return {"dead_id": entry.dead_id, "doc_ids": letter.doc_ids, "reason": letter.reason, "error": letter.error,
+            "worker": letter.worker, "deliveries": letter.deliveries, "failures": letter.failures,
+            "seq": letter.seq, "pos": letter.pos, "entry_id": letter.entry_id, "replayable": letter.replayable,
+            "failed_at": letter.failed_at}
+
+
 _REPLAY = f"""
 -- KEYS: 1 dead stream, 2 batch stream, 3 stats.  ARGV: 1 dead id, 2 payload, 3 documents
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end

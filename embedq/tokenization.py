@@ -127,12 +127,18 @@ class TokenizerPool:
 
     def encode(self, texts: list[str]) -> TokenizedDocs:
         """Token ids of `texts`, in order."""
+        return self.submit(texts).result()
+
+    def submit(self, texts: list[str]) -> concurrent.futures.Future[TokenizedDocs]:
+        """Start tokenizing `texts`; the future's result is their token ids, in order."""
         if self._local is not None:
-            return self._local.encode(texts)
+            done: concurrent.futures.Future[TokenizedDocs] = concurrent.futures.Future()
+            done.set_result(self._local.encode(texts))
+            return done
         assert self._pool is not None
-        chunks = [texts[i:i + self.chunk_size] for i in range(0, len(texts), self.chunk_size)]
-        parts = [TokenizedDocs(*result) for result in self._pool.map(_encode_in_process, chunks)]
-        return TokenizedDocs.concat(parts)
+        futures = [self._pool.submit(_encode_in_process, texts[i:i + self.chunk_size])
+                   for i in range(0, len(texts), self.chunk_size)]
+        return _Joined(futures)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -144,6 +150,17 @@ class TokenizerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Joined(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The chunks of one submit, joined in order when its result is asked for."""
+
+    def __init__(self, parts: list[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
+        super().__init__()
+        self._parts = parts
+
+    def result(self, timeout: float | None = None) -> TokenizedDocs:
+        return TokenizedDocs.concat([TokenizedDocs(*part.result(timeout)) for part in self._parts])
 
 
 def default_tokenizer_processes(device: str) -> int:

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import redis
@@ -28,7 +30,7 @@ from embedq.producer.batching import BatchRules, PlannedBatch, plan_batches
 from embedq.producer.publisher import Publisher
 from embedq.producer.sources import Source, SourceScan
 from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, encode_batch
-from embedq.tokenization import TokenizedDocs
+from embedq.tokenization import TokenizedDocs, TokenizerPool
 
 log = logging.getLogger("embedq.producer")
 
@@ -68,13 +70,15 @@ class Producer:
 
     def __init__(self, client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo,
                  options: ProducerOptions, *, encode: Callable[[list[str]], TokenizedDocs] | None = None,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 tokenizer: TokenizerPool | None = None, stopping: Callable[[], bool] = lambda: False) -> None:
         self.client = client
         self.keys = keys
         self.source = source
         self.model = model
         self.options = options
-        self.encode = encode  # set: pretokenize
+        # Pretokenize when either is given; a pool tokenizes several batches ahead, in parallel.
+        self.tokenizer = tokenizer
+        self.encode = tokenizer.encode if tokenizer is not None else encode
         self.stopping = stopping
         self.publisher = Publisher(client, keys, options.backlog)
         self.scan: SourceScan | None = None
@@ -134,10 +138,9 @@ class Producer:
                      progress: Progress) -> None:
         while True:  # a pass ends at the source's end, or restarts when Redis moved the cursor back
             rewind = None
-            for batch in plan_batches(self.source, rules, start_seq=seq, start_pos=pos):
+            for batch, payload in self._with_payloads(plan_batches(self.source, rules, start_seq=seq, start_pos=pos)):
                 if self.stopping():
                     return
-                payload = self._payload(batch) if batch.ids else None
                 letters = [deadletter.encode(letter) for letter in self._dead_letters(batch)]
                 waited = time.monotonic()
                 self._redis(lambda: self.publisher.wait_for_room(self.stopping), "wait for room in the stream")
@@ -163,17 +166,31 @@ class Producer:
                 return
             seq, pos = rewind.next_seq, rewind.next_pos
 
-    def _payload(self, batch: PlannedBatch) -> bytes:
+    def _with_payloads(self, batches: Iterator[PlannedBatch]) -> Iterator[tuple[PlannedBatch, bytes | None]]:
+        """Each batch with its encoded message; token ids are computed `lookahead` batches ahead."""
+        lookahead = 2 * self.tokenizer.processes if self.tokenizer is not None else 0
+        pending: collections.deque[tuple[PlannedBatch, Future[TokenizedDocs] | None]] = collections.deque()
+        for batch in batches:
+            started = self.tokenizer.submit(batch.texts) if self.tokenizer is not None and batch.ids else None
+            pending.append((batch, started))
+            while len(pending) > lookahead:
+                yield self._payload(*pending.popleft())
+        while pending:
+            yield self._payload(*pending.popleft())
+
+    def _payload(self, batch: PlannedBatch, tokens: Future[TokenizedDocs] | None) -> tuple[PlannedBatch, bytes | None]:
+        if not batch.ids:
+            return batch, None
         if self.encode is None:
             message = BatchMessage(v=SCHEMA_VERSION, job=self.keys.job, seq=batch.seq, pos=batch.pos,
                                    ids=batch.ids, texts=batch.texts)
         else:
-            docs = self.encode(batch.texts)
+            docs = tokens.result() if tokens is not None else self.encode(batch.texts)
             message = BatchMessage(v=SCHEMA_VERSION, job=self.keys.job, seq=batch.seq, pos=batch.pos,
                                    ids=batch.ids, tokens=docs.tokens.astype("<i4").tobytes(),
                                    lengths=docs.lengths.astype("<i4").tobytes(),
                                    truncated=docs.truncated.astype("u1").tobytes())
-        return encode_batch(message)
+        return batch, encode_batch(message)
 
     def _dead_letters(self, batch: PlannedBatch) -> list[deadletter.DeadLetter]:
         letters = []

@@ -47,10 +47,10 @@ class ChaosPlan:
     kill_every: tuple[float, float] = (2.0, 4.0)  # seconds between worker kills, drawn uniformly
     producer_kill_at: float = 0.3  # fraction of the documents published when the producer is killed
     redis_restart_at: float = 0.6  # fraction of the documents committed when Redis is killed
-    redis_down_seconds: float = 2.0  # longer than redis-py's own quick reconnects
+    redis_down_seconds: float = 8.0  # a restart that replays an AOF; longer than the lease, so all lapse
     appendfsync: str = "everysec"
-    batch_size: int = 10  # small batches and windows: many entries, leases and commits to break
-    window_docs: int = 100
+    batch_size: int = 5  # small batches and windows: many entries, leases and commits to break
+    window_docs: int = 50
     backlog: int = 16  # stream entries: the producer is paced by the workers, so it is killed mid-way
     lease_seconds: float = 2.0
     token_budget: int = 256
@@ -88,6 +88,8 @@ class ChaosFigures:
     pending_at_redis_kill: int = 0  # stream entries delivered and unsettled when Redis died
     duplicates_dropped: int = 0  # documents of parts refused because another worker committed first
     parts: int = 0
+    rows_read: int = 0  # by a DuckDB glob over the output directory, as the workers left it
+    distinct_ids: int = 0
     seconds_to_complete: float = 0.0
     seconds_total: float = 0.0
     verify_exit_code: int | None = None
@@ -195,6 +197,7 @@ class Chaos:
         for _ in range(plan.workers):
             self._spawn("worker")
         next_kill = plan.kill_every[1]  # the first kill once workers had time to start
+        redis_due = 0.0
         while True:
             time.sleep(TICK)
             if self.elapsed() > plan.deadline:
@@ -212,12 +215,22 @@ class Chaos:
                     and self._producer() is not None:
                 self._kill_producer()
             elif not self.figures.redis_restarts and committed >= plan.redis_restart_at * plan.documents:
-                # Worker kills pause until every worker is up: one starting during the outage
-                # would fail its start-up (by design: a supervisor restarts it), which tests nothing.
-                if not self._workers_starting():
+                # Worker kills pause until every worker is up (one starting during the outage would
+                # fail its start-up, by design, which tests nothing) and, for a while, until some
+                # worker holds batches, so that the outage cuts commits off half-way.
+                redis_due = redis_due or self.elapsed()
+                holding = self._holding()
+                if not self._workers_starting() and (
+                        any(holding.values()) or self.elapsed() - redis_due > plan.kill_every[1]):
                     self._restart_redis()
-            elif self.elapsed() >= next_kill and self._kill_a_worker():
-                next_kill = self.elapsed() + self.rng.uniform(*plan.kill_every)
+                    # A worker dies with the outage and its supervisor starts it again as soon as Redis
+                    # answers: the newcomer's start-up recovery meets survivors still retrying commits.
+                    self._kill_a_worker(idle_too=True)
+            elif self.elapsed() >= next_kill:
+                # A kill waits (a while) for a worker that holds batches: killing an idle one tests less.
+                overdue = self.elapsed() - next_kill > plan.kill_every[1]
+                if self._kill_a_worker(idle_too=overdue):
+                    next_kill = self.elapsed() + self.rng.uniform(*plan.kill_every)
         self._wait_for_exits()
         return self.figures
 
@@ -292,21 +305,26 @@ class Chaos:
         self.figures.kills.append(Kill(round(self.elapsed(), 1), child.role, child.process.pid, held))
         self.note(f"SIGKILL {child.name} (pid {child.process.pid}), holding {held} unsettled batches")
 
-    def _kill_a_worker(self) -> bool:
-        """SIGKILL a random working worker (one holding batches, if any does) and start another."""
+    def _holding(self) -> dict[str, int]:
+        """Unsettled batches per worker id (consumer), as XPENDING counts them."""
         try:
-            holding = {_text(c["name"]): int(c["pending"])
-                       for c in self.client.xpending(self.keys.stream, GROUP).get("consumers", [])}
+            return {_text(c["name"]): int(c["pending"])
+                    for c in self.client.xpending(self.keys.stream, GROUP).get("consumers", [])}
         except redis.RedisError:
-            return False
+            return {}
+
+    def _kill_a_worker(self, *, idle_too: bool) -> bool:
+        """SIGKILL a random worker holding batches (or, with `idle_too`, any started one); start another."""
+        holding = self._holding()
 
         def held(child: Child) -> int:
             return holding.get(self._registered.get(child.process.pid, ""), 0)
 
-        working = [c for c in self._workers() if c.process.pid in self._seen_pids]
-        if not working:
-            return False  # all are still starting: a kill now would test nothing
-        victim = self.rng.choice([c for c in working if held(c)] or working)
+        started = [c for c in self._workers() if c.process.pid in self._seen_pids]
+        candidates = [c for c in started if held(c)] or (started if idle_too else [])
+        if not candidates:
+            return False
+        victim = self.rng.choice(candidates)
         entries = held(victim)
         self._kill(victim, entries)
         self.figures.worker_kills += 1

@@ -30,6 +30,7 @@ STAGING_PREFIX = "."
 STAGING_SUFFIX = ".parquet.tmp"
 MANIFEST_FILE = "_manifest.json"
 OWNER_FILE = "_embedq.json"
+DEAD_LETTERS_FILE = "_dead_letters.jsonl"
 
 
 def describe_os_error(exc: OSError, path: Path) -> str:
@@ -106,13 +107,16 @@ class OutputDir:
         return {p.name[len(STAGING_PREFIX):-len(STAGING_SUFFIX)]
                 for p in self.path.glob(STAGING_PREFIX + "part-*" + STAGING_SUFFIX) if p.is_file()}
 
-    def write_json(self, filename: str, data: Any) -> None:
-        """Write a small JSON file atomically (temporary name, fsync, rename, fsync the directory)."""
+    def write_json(self, filename: str, data: Any, *, text: str | None = None) -> None:
+        """Write a small JSON file (or `text`) atomically: temporary name, fsync, rename, fsync the directory."""
         target = self.path / filename
         temp = self.path / f".{filename}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with temp.open("w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True, default=str)
+                if text is not None:
+                    handle.write(text)
+                else:
+                    json.dump(data, handle, indent=1, sort_keys=True, default=str)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)
@@ -121,6 +125,10 @@ class OutputDir:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise OutputError(describe_os_error(exc, self.path)) from exc
+
+    def write_lines(self, filename: str, rows: list[dict[str, Any]]) -> None:
+        """Write JSON lines atomically, like `write_json`."""
+        self.write_json(filename, None, text="".join(json.dumps(row, default=str) + "\n" for row in rows))
 
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.path / MANIFEST_FILE

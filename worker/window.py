@@ -80,30 +80,46 @@ def assemble(deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, 
 
 def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules: DocumentRules,
              worker: str) -> Window:
-    """Fill the window's documents and token ids; unusable documents become dead letters."""
-    parts: list[TokenizedDocs] = []
-    msg_index: list[np.ndarray] = []
-    row_index: list[np.ndarray] = []
+    """Fill the window's documents and token ids; unusable documents become dead letters.
+
+    The texts of all messages go to the tokenizer in one call, so a pool spreads them over all
+    its processes (one call per message would keep one process busy at a time).
+    """
+    parts: list[TokenizedDocs | None] = []
+    keeps: list[list[int]] = []
+    texts: list[str] = []
     for k, message in enumerate(window.messages):
         if message.texts is not None:
             keep, problems = _text_problems(message.texts, rules)
-            tokens = encode([message.texts[i] for i in keep]) if keep else TokenizedDocs.concat([])
+            texts.extend(message.texts[i] for i in keep)
+            parts.append(None)  # filled from the one tokenizer call below
         else:
             tokens_all, lengths, truncated = message.token_arrays()
             keep, problems = _token_problems(tokens_all, lengths, rules)
-            tokens = _select_tokens(tokens_all, lengths, truncated, keep)
+            parts.append(_select_tokens(tokens_all, lengths, truncated, keep))
+        keeps.append(keep)
         for reason, rows in problems.items():
             window.dead.append(deadletter.for_documents(
                 message, rows, entry_id=window.entries[k], reason=reason, error=reason, worker=worker,
                 deliveries=window.deliveries[k]))
-        parts.append(tokens)
-        msg_index.append(np.full(len(keep), k, dtype=np.int32))
-        row_index.append(np.asarray(keep, dtype=np.int32))
         window.doc_ids.extend(message.ids[i] for i in keep)
-    window.tokens = TokenizedDocs.concat(parts)
-    window.doc_msg = np.concatenate(msg_index) if msg_index else np.zeros(0, np.int32)
-    window.doc_row = np.concatenate(row_index) if row_index else np.zeros(0, np.int32)
+    if texts:
+        encoded = encode(texts)
+        start = 0
+        for k, part in enumerate(parts):
+            if part is None:
+                parts[k] = _slice_docs(encoded, start, start + len(keeps[k]))
+                start += len(keeps[k])
+    window.tokens = TokenizedDocs.concat([p for p in parts if p is not None])
+    window.doc_msg = np.repeat(np.arange(len(keeps), dtype=np.int32), [len(k) for k in keeps])
+    window.doc_row = np.concatenate([np.asarray(k, dtype=np.int32) for k in keeps]) if keeps else np.zeros(0, np.int32)
     return window
+
+
+def _slice_docs(docs: TokenizedDocs, start: int, stop: int) -> TokenizedDocs:
+    offsets = docs.offsets
+    return TokenizedDocs(docs.tokens[offsets[start]:offsets[stop]], docs.lengths[start:stop],
+                         docs.truncated[start:stop])
 
 
 def _text_problems(texts: list[str], rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:

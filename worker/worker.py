@@ -53,7 +53,7 @@ from embedq.worker.commit import (
 )
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
 from embedq.worker.lease import InFlight, Lease
-from embedq.worker.output import OutputDir, describe_os_error
+from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir, describe_os_error
 from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
 from embedq.worker.window import DocumentRules, Window, assemble, tokenize
 from embedq.worker.writer import PartWriter, StagedPart, output_schema, part_metadata
@@ -198,10 +198,15 @@ class Worker:
         return self.report
 
     def finalize(self) -> None:
-        """Roll committed parts forward, remove orphans and write `_manifest.json` (job complete)."""
+        """Roll committed parts forward, remove orphans, write `_manifest.json` and, if any, the dead
+        letters as `_dead_letters.jsonl` (the output directory then describes itself without Redis)."""
         finished = reconcile(self.client, self.keys, self.output, live_workers=set(), finished=True)
+        dead = deadletter.list_dead(self.client, self.keys)
+        if dead:
+            self.output.write_lines(DEAD_LETTERS_FILE, [deadletter.summary(entry) for entry in dead])
         write_manifest_file(self.output, self.keys.job, finished.parts, complete=True,
-                            extra=self.record.model_fields())
+                            extra={**self.record.model_fields(), "dead_letters": sum(
+                                len(e.letter.doc_ids) for e in dead)})
 
     def stop(self) -> None:
         """Stop reading; finish and commit what is in flight (what a first SIGTERM does)."""

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,14 +25,15 @@ import redis
 
 from embedq import job as job_record
 from embedq.connection import RedisServer
+from embedq.engines.base import Engine
 from embedq.keys import JobKeys
-from embedq.model import load_model_info
+from embedq.model import ModelInfo, load_model_info
 from embedq.protocol import PAYLOAD_FIELD
 from embedq.verify import verify_job
 from tests.support import run_worker, wait_until, write_jsonl
 
-BATCH = 50  # documents per message
-BACKLOG = 8  # messages: the bound under test
+BATCH = 100  # documents per message
+BACKLOG = 4  # messages: the bound under test
 N_DOCS = 8_500  # real passages, ~616 bytes each: 170 messages, 21 times the bound
 MAX_SEQ_LEN = 16  # the worker's cost, not Redis's: messages carry whole texts whatever this is
 UNBOUNDED = 1_000_000
@@ -59,12 +61,12 @@ def corpus(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model: Path):  # type: ignore[no-untyped-def]
+def tiny(tiny_model: Path) -> ModelInfo:
     return load_model_info(tiny_model, max_seq_len=MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tiny):  # type: ignore[no-untyped-def]
+def tiny_engine(tiny: ModelInfo) -> Iterator[Engine]:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
     from embedq.worker.buckets import profile_table
@@ -112,7 +114,7 @@ def producer(corpus: Path, job: str, url: str, tiny_model: Path, backlog: int, l
 
 
 def test_redis_memory_stays_at_the_backlog_bound_for_a_corpus_21_times_larger(
-        corpus: Path, tiny, tiny_engine, tiny_model: Path, tmp_path: Path) -> None:
+        corpus: Path, tiny: ModelInfo, tiny_engine: Engine, tiny_model: Path, tmp_path: Path) -> None:
     keys = JobKeys("memory")
     messages = -(-N_DOCS // BATCH)
     assert messages >= 20 * BACKLOG
@@ -122,7 +124,8 @@ def test_redis_memory_stays_at_the_backlog_bound_for_a_corpus_21_times_larger(
         client = redis.Redis.from_url(server.url)
         with measured(client, keys) as unbounded:
             assert producer(corpus, keys.job, server.url, tiny_model, UNBOUNDED, tmp_path / "p0.log").wait(120) == 0
-        payloads = [len(fields[PAYLOAD_FIELD]) for _, fields in client.xrange(keys.stream)]
+        entries: Any = client.xrange(keys.stream)
+        payloads = [len(fields[PAYLOAD_FIELD]) for _, fields in entries]
     assert len(payloads) == messages == unbounded.max_xlen
     corpus_bytes, largest = sum(payloads), max(payloads)
 
@@ -140,10 +143,12 @@ def test_redis_memory_stays_at_the_backlog_bound_for_a_corpus_21_times_larger(
             seconds = time.monotonic() - started
             assert publishing.wait(timeout=60) == 0, (tmp_path / "p1.log").read_text()[-2000:]
         result = verify_job(client, keys, str(out))
+        added = int(client.xinfo_stream(keys.stream)["entries-added"])
 
     # Every document arrived exactly once: the producer waited, it never trimmed.
     assert report.job_complete and result.ok and result.output_rows == N_DOCS, result.render()
     assert 0 < bounded.max_xlen <= BACKLOG
+    assert added == messages  # each batch added once, each settled (acknowledged and deleted) by the worker
     # Redis holds the stream (at most BACKLOG messages), as much again in replies on their way to the
     # worker, the message being published (query buffer, arguments, the script's copy: under
     # BACKLOG x largest for BACKLOG >= 3), and a constant: clients, scripts, counters, the manifest

@@ -1,18 +1,18 @@
 """The bad-input suite: crafted stream entries go through a real worker alongside a normal job.
 
 Every bad entry is injected with XADD next to a produced corpus and meets one real worker (real
-Redis, real Parquet, a small random BERT). Each ends as a dead letter whose error names the
-problem, the documents next to it in its message are still embedded, and the job completes. Ids
-that collide with another batch cannot be seen by a worker (it holds one window, not the job), so
-there it is `embedq verify` that must say so.
+Redis, real Parquet, a small random BERT). Each ends as one dead letter whose error names the
+problem (a whole unusable message, or the one unusable document, its batch-mates embedded), and
+the job completes. Ids that collide with another batch cannot be seen by a worker (it holds one
+window, not the job), so there it is `embedq verify` that must say so. A model mismatch between
+job and worker is a clear error of the CLI (exit 7).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,16 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
+import redis
 
 from embedq.deadletter import DeadEntry, list_dead
+from embedq.engines.base import Engine
+from embedq.job import JobRecord
 from embedq.keys import JobKeys
-from embedq.model import load_model_info
+from embedq.model import ModelInfo, load_model_info
 from embedq.protocol import PAYLOAD_FIELD, Limits
 from embedq.verify import verify_job
+from tests.embedq.test_cli import embedq
 from tests.support import produce, run_worker, write_jsonl
 
 N_DOCS = 600
@@ -56,12 +60,19 @@ def entry(body: Any) -> dict[bytes, bytes]:
     return {PAYLOAD_FIELD: msgspec.msgpack.encode(body)}
 
 
-def tokens(rows: list[list[int]], *, lengths: list[int] | None = None) -> dict[str, bytes]:
+def tokens(rows: list[list[int]], *, lengths: list[int] | None = None) -> dict[str, Any]:
     """The token fields of a pretokenized message (int32 little-endian arrays as bytes)."""
     flat = np.array([t for row in rows for t in row], dtype="<i4")
     return {"tokens": flat.tobytes(),
             "lengths": np.array(lengths if lengths is not None else [len(r) for r in rows], dtype="<i4").tobytes(),
             "truncated": bytes(len(rows))}
+
+
+def output_ids(out: Path) -> list[Any]:
+    """Every id in the visible parts, repeats included (read as a glob reader would)."""
+    import pyarrow.dataset as ds
+
+    return ds.dataset(str(out), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
 
 
 class OpensAFile:
@@ -142,8 +153,18 @@ def bad_entries(job: str, marker: Path) -> list[BadEntry]:
     ]
 
 
+def small_job(redis_client: redis.Redis, job_name: str, tiny_model: Path, gloss_texts: list[str], tmp_path: Path,
+              ids: list[Any]) -> tuple[JobKeys, ModelInfo, JobRecord]:
+    """A produced job of `ids` (batches of 50, small LIMITS) on the tiny model: (keys, model, record)."""
+    keys = JobKeys(job_name)
+    tiny = load_model_info(tiny_model)
+    source = write_jsonl(tmp_path / "docs.jsonl", ids, gloss_texts[:len(ids)])
+    record, _ = produce(redis_client, keys, tiny, source, batch_size=50, limits=LIMITS)
+    return keys, tiny, record
+
+
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model: Path):  # type: ignore[no-untyped-def]
+def tiny_engine(tiny_model: Path) -> Iterator[Engine]:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
     from embedq.worker.buckets import profile_table
@@ -158,11 +179,8 @@ def tiny_engine(tiny_model: Path):  # type: ignore[no-untyped-def]
 def test_every_bad_entry_is_dead_lettered_with_its_reason_and_the_rest_of_the_job_completes(
         redis_client, job_name: str, tiny_model: Path, tiny_engine, gloss_texts: list[str], tmp_path: Path,
         redis_url: str) -> None:
-    keys = JobKeys(job_name)
-    tiny = load_model_info(tiny_model)
     ids = [f"d{i}" for i in range(N_DOCS)]
-    source = write_jsonl(tmp_path / "docs.jsonl", ids, gloss_texts[:N_DOCS])
-    record, _ = produce(redis_client, keys, tiny, source, batch_size=50, limits=LIMITS)
+    keys, tiny, record = small_job(redis_client, job_name, tiny_model, gloss_texts, tmp_path, ids)
     marker = tmp_path / "unpickled"
     cases = bad_entries(job_name, marker)
     assert len(cases) >= 20
@@ -195,12 +213,10 @@ def test_every_bad_entry_is_dead_lettered_with_its_reason_and_the_rest_of_the_jo
             assert letter.reason == "malformed message" and letter.doc_ids == [], case.name
             assert not letter.replayable, case.name
 
-    import pyarrow.dataset as ds
-
-    output_ids = ds.dataset(str(out), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    embedded = output_ids(out)
     batch_mates = {i for case in cases for i in case.good_ids}
-    assert set(output_ids) == set(ids) | batch_mates | {"ok-collide", "twice"}
-    assert sorted(i for i in output_ids if output_ids.count(i) > 1) == ["d5", "d5", "twice", "twice"]
+    assert set(embedded) == set(ids) | batch_mates | {"ok-collide", "twice"}
+    assert sorted(i for i in embedded if embedded.count(i) > 1) == ["d5", "d5", "twice", "twice"]
 
     # What a worker cannot see, verify reports: checked against the source plus the injected ids.
     dead_ids = [i for case in cases for i in case.bad_ids]
@@ -211,26 +227,10 @@ def test_every_bad_entry_is_dead_lettered_with_its_reason_and_the_rest_of_the_jo
     assert (result.duplicated, result.missing, result.unexpected) == (2, 0, 0), result.render()
     assert result.dead_documents == len(dead_ids)
     assert sorted(result.examples["duplicated"]) == ["d5", "twice"]
-    cli = run_cli("verify", "--job", job_name, "--out", str(out), "--source", str(listing), "--allow-dead-letters",
+    cli = embedq("verify", "--job", job_name, "--out", str(out), "--source", str(listing), "--allow-dead-letters",
                   "--redis", redis_url)
     assert cli.returncode == 8, cli.stdout + cli.stderr
     assert "duplicated         2" in cli.stdout and "'d5'" in cli.stdout and "'twice'" in cli.stdout
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBEDQ_BACKEND": "torch", "EMBEDQ_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "embedq", *args], capture_output=True, text=True, env=env,
-                          timeout=180)
-
-
-
-def small_job(redis_client, job_name: str, tiny_model: Path, gloss_texts: list[str], tmp_path: Path,
-              ids: list[Any]):  # type: ignore[no-untyped-def]
-    keys = JobKeys(job_name)
-    tiny = load_model_info(tiny_model)
-    source = write_jsonl(tmp_path / "docs.jsonl", ids, gloss_texts[:len(ids)])
-    record, _ = produce(redis_client, keys, tiny, source, batch_size=50, limits=LIMITS)
-    return keys, tiny, record
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
@@ -246,9 +246,7 @@ def test_an_oversized_document_is_dead_lettered_alone_and_its_batch_mates_are_em
     assert run_worker(redis_client, keys, record, tiny, tiny_engine, out).job_complete
     (dead,) = list_dead(redis_client, keys)
     assert dead.letter.doc_ids == ["huge"] and "size limit" in dead.letter.error
-    import pyarrow.dataset as ds
-
-    assert "ok-huge" in ds.dataset(str(out), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert "ok-huge" in output_ids(out)
 
 
 def _arrow_errors() -> tuple[type[BaseException], ...]:
@@ -280,9 +278,9 @@ def test_an_id_of_the_wrong_type_is_dead_lettered_instead_of_stopping_the_worker
 def test_a_worker_given_another_model_than_the_jobs_exits_7_with_both_models_named(
         tmp_path: Path, job_name: str, tiny_model: Path, redis_url: str) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", [1, 2, 3], ["one", "two", "three"])
-    produced = run_cli("produce", str(source), "--job", job_name, "--redis", redis_url)  # the bundled MiniLM
+    produced = embedq("produce", str(source), "--job", job_name, "--redis", redis_url)  # the bundled MiniLM
     assert produced.returncode == 0, produced.stderr
-    worked = run_cli("work", "--job", job_name, "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+    worked = embedq("work", "--job", job_name, "--out", str(tmp_path / "out"), "--model", str(tiny_model),
                      "--redis", redis_url)
     assert worked.returncode == 7, worked.stdout + worked.stderr
     assert "does not match job" in worked.stderr and "all-MiniLM-L6-v2" in worked.stderr
@@ -292,14 +290,12 @@ def test_a_worker_given_another_model_than_the_jobs_exits_7_with_both_models_nam
 
 def test_a_worker_without_the_jobs_model_on_its_machine_exits_7_and_says_where_it_looked(
         tmp_path: Path, job_name: str, tiny_model: Path, redis_url: str) -> None:
-    import shutil
-
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     source = write_jsonl(tmp_path / "docs.jsonl", [1, 2, 3], ["one", "two", "three"])
-    produced = run_cli("produce", str(source), "--job", job_name, "--model", str(model), "--redis", redis_url)
+    produced = embedq("produce", str(source), "--job", job_name, "--model", str(model), "--redis", redis_url)
     assert produced.returncode == 0, produced.stderr
     model.rename(tmp_path / "moved")  # the worker's machine does not have the model where the job says
-    worked = run_cli("work", "--job", job_name, "--out", str(tmp_path / "out"), "--redis", redis_url)
+    worked = embedq("work", "--job", job_name, "--out", str(tmp_path / "out"), "--redis", redis_url)
     assert worked.returncode == 7, worked.stdout + worked.stderr
     assert f"not at {model} on this machine" in worked.stderr and "--model" in worked.stderr
     assert "Traceback" not in worked.stderr

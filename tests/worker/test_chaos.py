@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,8 +33,8 @@ import redis
 from embedq.keys import GROUP, JobKeys
 from tests.chaos import Chaos, ChaosFigures, ChaosPlan
 
-BOUNDED = ChaosPlan(documents=12_000, min_worker_kills=3, deadline=300)
-FULL = ChaosPlan(documents=100_000, min_worker_kills=20, deadline=1800)
+BOUNDED = ChaosPlan(documents=12_000, min_worker_kills=5, deadline=300)
+FULL = ChaosPlan(documents=100_000, min_worker_kills=30, deadline=1800)
 
 JOB = "chaos"
 
@@ -46,31 +47,33 @@ def test_every_document_comes_out_exactly_once_while_workers_producer_and_redis_
         plan: ChaosPlan, tiny_model: Path, gloss_texts: list[str], tmp_path: Path,
         request: pytest.FixtureRequest) -> None:
     assert len(gloss_texts) >= plan.documents
-    ids = [f"gloss-{i:06d}" for i in range(plan.documents)]
     source = tmp_path / "glosses.parquet"
-    pq.write_table(pa.table({"id": ids, "text": gloss_texts[:plan.documents]}), source)
+    pq.write_table(pa.table({"id": [f"gloss-{i:06d}" for i in range(plan.documents)],
+                             "text": gloss_texts[:plan.documents]}), source)
     out = tmp_path / "out"
     started = time.monotonic()
     with Chaos(plan, source=source, out=out, model=tiny_model, root=tmp_path, job=JOB) as chaos:
         figures = chaos.figures
         try:
             chaos.run()
+            # As the workers left it: they finalize the directory when they see the job complete.
+            as_left = UserView.read(out, source)
+            figures.rows_read, figures.distinct_ids = as_left.rows, as_left.distinct
+            figures.parts = len(as_left.parts)
+            verify = embedq("verify", "--job", JOB, "--out", str(out), "--redis", chaos.url)
+            figures.verify_exit_code, figures.verify_output = verify.returncode, verify.stdout.strip()
+
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            assert f"job {JOB}: OK" in verify.stdout and "repaired" not in verify.stdout, verify.stdout
+            as_left.assert_every_id_once(plan.documents)
+            UserView.read(out, source).assert_every_id_once(plan.documents)
+            assert_redis_is_drained(chaos.client, chaos.keys, out, plan.documents)
+            assert_status_says_complete(chaos.url, plan.documents)
+
             assert figures.unexpected_exits == [], "a process died without being killed"
             assert figures.worker_kills >= plan.min_worker_kills
             assert figures.kills_holding_entries > 0, "no kill caught a worker holding batches"
             assert (figures.producer_kills, figures.producer_restarts, figures.redis_restarts) == (1, 1, 1)
-
-            # The workers finalized the directory when the job completed: readers see it right already.
-            assert_a_glob_reads_every_id_once(out, source, plan.documents)
-            assert_redis_is_drained(chaos.client, chaos.keys, out, plan.documents)
-            assert_status_says_complete(chaos.url, plan.documents)
-
-            verify = embedq("verify", "--job", JOB, "--out", str(out), "--redis", chaos.url)
-            figures.verify_exit_code, figures.verify_output = verify.returncode, verify.stdout.strip()
-            assert verify.returncode == 0, verify.stdout + verify.stderr
-            assert f"job {JOB}: OK" in verify.stdout and "repaired" not in verify.stdout, verify.stdout
-            assert_a_glob_reads_every_id_once(out, source, plan.documents)
-            figures.parts = len(list(out.glob("*.parquet")))
         except BaseException:
             print(chaos.diagnostics())
             raise
@@ -79,32 +82,55 @@ def test_every_document_comes_out_exactly_once_while_workers_producer_and_redis_
             report(request.node.callspec.id, figures)
 
 
-def assert_a_glob_reads_every_id_once(out: Path, source: Path, n: int) -> None:
-    """What a user's reader sees: DuckDB over `out/*.parquet`, pyarrow.dataset over the directory."""
-    import duckdb
+@dataclass(frozen=True)
+class UserView:
+    """The output directory as a user's reader sees it: a DuckDB glob, pyarrow.dataset, the listing."""
 
-    names = sorted(os.listdir(out))
-    assert not [name for name in names if name.endswith(".tmp")], f"staged files left: {names}"
-    strays = [name for name in names if not (name.startswith("part-") and name.endswith(".parquet"))
-              and name not in ("_manifest.json", "_embedq.json")]
-    assert strays == [], f"unexpected files in the output directory: {strays}"
+    files: list[str]
+    rows: int  # DuckDB, `select count(*) from 'out/*.parquet'`
+    distinct: int
+    not_in_source: int
+    missing: int
+    dataset_ids: list[str]  # pyarrow.dataset over the directory
+    source_ids: set[str]
+    null_embeddings: int
+    manifest: dict
 
-    glob, src = _sql_text(f"{out}/*.parquet"), _sql_text(str(source))
-    with duckdb.connect() as db:
-        assert db.sql(f"select count(*), count(distinct id) from '{glob}'").fetchone() == (n, n)
-        assert db.sql(f"select count(*) from (select id from '{glob}' except select id from '{src}')"
-                      ).fetchone() == (0,), "ids in the output that are not in the source"
-        assert db.sql(f"select count(*) from (select id from '{src}' except select id from '{glob}')"
-                      ).fetchone() == (0,), "source ids missing from the output"
+    @property
+    def parts(self) -> list[str]:
+        return [name for name in self.files if name.endswith(".parquet")]
 
-    table = ds.dataset(str(out), format="parquet").to_table(columns=["id", "embedding"])
-    seen = table.column("id").to_pylist()
-    assert len(seen) == n and set(seen) == set(pq.read_table(source, columns=["id"]).column("id").to_pylist())
-    assert table.column("embedding").null_count == 0
+    @classmethod
+    def read(cls, out: Path, source: Path) -> UserView:
+        import duckdb
 
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["complete"] and manifest["documents"] == n
-    assert sorted(p["file"] for p in manifest["parts"]) == sorted(n for n in names if n.endswith(".parquet"))
+        glob, src = _sql_text(f"{out}/*.parquet"), _sql_text(str(source))
+        with duckdb.connect() as db:
+            def one(sql: str) -> tuple[int, ...]:
+                row = db.execute(sql).fetchone()
+                assert row is not None
+                return tuple(row)
+
+            rows, distinct = one(f"select count(*), count(distinct id) from '{glob}'")
+            (extra,) = one(f"select count(*) from (select id from '{glob}' except select id from '{src}')")
+            (missing,) = one(f"select count(*) from (select id from '{src}' except select id from '{glob}')")
+        table = ds.dataset(str(out), format="parquet").to_table(columns=["id", "embedding"])
+        return cls(files=sorted(os.listdir(out)), rows=rows, distinct=distinct, not_in_source=extra,
+                   missing=missing, dataset_ids=table.column("id").to_pylist(),
+                   source_ids=set(pq.read_table(source, columns=["id"]).column("id").to_pylist()),
+                   null_embeddings=table.column("embedding").null_count,
+                   manifest=json.loads((out / "_manifest.json").read_text()))
+
+    def assert_every_id_once(self, n: int) -> None:
+        assert [name for name in self.files if name.endswith(".tmp")] == [], "staged files left behind"
+        strays = [name for name in self.files if not (name.startswith("part-") and name.endswith(".parquet"))
+                  and name not in ("_manifest.json", "_embedq.json")]
+        assert strays == [], "unexpected files in the output directory"
+        assert (self.rows, self.distinct, self.not_in_source, self.missing) == (n, n, 0, 0)
+        assert len(self.dataset_ids) == n and set(self.dataset_ids) == self.source_ids
+        assert self.null_embeddings == 0
+        assert self.manifest["complete"] and self.manifest["documents"] == n
+        assert sorted(p["file"] for p in self.manifest["parts"]) == self.parts
 
 
 def assert_redis_is_drained(client: redis.Redis, keys: JobKeys, out: Path, n: int) -> None:
@@ -142,4 +168,3 @@ def report(size: str, figures: ChaosFigures) -> None:
 
 def _sql_text(value: str) -> str:
     return value.replace("'", "''")
-
