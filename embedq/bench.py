@@ -274,7 +274,7 @@ def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: in
 
 
 def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_url: str, work_dir: Path,
-                 *, tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
+                 *, out_dir: Path, tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
                  cuda_graphs: bool) -> Result:
     """One scenario, end to end."""
     import redis as redis_lib
@@ -326,7 +326,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
             producer.run()
             result.produce_seconds = time.perf_counter() - started
             client.config_resetstat()
-            output = open_output(work_dir / f"out-{keys.job}")
+            output = open_output(out_dir / f"out-{keys.job}")
             worker = Worker(client, keys, record, model, engine, output,
                             WorkerOptions(window_docs=window_docs, prefetch=3, lease_seconds=60, commit_threads=4),
                             encode=None if scenario.pretokenize else pool.encode)
@@ -362,7 +362,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
         result.gpu_busy = float(np.mean(busy)) / 100.0 if busy else None
     for key in client.scan_iter(match=f"*{{{keys.job}}}*"):
         client.delete(key)
-    shutil.rmtree(work_dir / f"out-{keys.job}", ignore_errors=True)
+    shutil.rmtree(out_dir / f"out-{keys.job}", ignore_errors=True)
     source_file.unlink()
     return result
 
@@ -500,7 +500,8 @@ def environment() -> dict[str, Any]:
 def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list[str], *, repeat: int,
               limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
               tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
-              check_precision: bool, cuda_graphs: bool, model_path: str | None) -> list[Result]:
+              check_precision: bool, cuda_graphs: bool, model_path: str | None,
+              out_dir: Path | None = None) -> list[Result]:
     """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
     base = load_model_info(model_path)
     results: list[Result] = []
@@ -515,7 +516,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
                     scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
                                         repeat=repeat, limit=limit, device=device, precision=precision)
                     log.info("bench: %s", scenario.label)
-                    result = run_scenario(scenario, model, corpus_path, url, work,
+                    result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
                                           tokenizer_processes=tokenizer_processes,
                                           baselines=baselines and mode == tokenize[0],
                                           token_budget=token_budget, window_docs=window_docs,

@@ -576,6 +576,9 @@ def bench(
         "--check-precision", help="Also compare fp16 and bf16 with fp32 on every document (GPU).")] = False,
     json_out: Annotated[str, typer.Option("--json", help="Where to write the results.")] = "bench.json",
     plot_out: Annotated[str, typer.Option("--plot", help="Where to draw throughput per stage.")] = "bench.png",
+    out_dir: Annotated[str | None, typer.Option(
+        "--out-dir", help="Where the worker writes its Parquet parts (fsynced). Default: a temporary directory.",
+        show_default=False)] = None,
     redis: RedisOpt = None,
 ) -> None:
     """Measure end-to-end throughput on this machine against the GPU-only ceiling, sentence-transformers
@@ -602,7 +605,8 @@ def bench(
     run_bench(corpora, models, modes, repeat=repeat, limit=limit, device=device, precision=precision,
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,
-              check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path)
+              check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
+              out_dir=Path(out_dir) if out_dir else None)
 
 
 # -- status, verify, dead letters, gc, delete ------------------------------------------------------
