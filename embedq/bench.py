@@ -275,7 +275,7 @@ def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: in
 
 def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_url: str, work_dir: Path,
                  *, out_dir: Path, tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
-                 cuda_graphs: bool) -> Result:
+                 cuda_graphs: bool, spin_wait: bool = False) -> Result:
     """One scenario, end to end."""
     import redis as redis_lib
 
@@ -300,7 +300,8 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     profiles = profile_table(model.max_seq_len, token_budget, seq_lens)
     engine = create_engine("torch", EngineConfig(model=model, profiles=profiles, device=scenario.device,
                                                  precision=scenario.precision),
-                           **({"cuda_graphs": True} if cuda_graphs else {}))
+                           **({"cuda_graphs": True} if cuda_graphs else {}),
+                           **({"spin_wait": True} if spin_wait else {}))
     if baselines:
         tok = measure_tokenizers(model, one_copy, tokenizer_processes)
         result.tokenizer_all_cores_tokens_per_s = tok.get("all_cores_tokens_per_s")
@@ -342,6 +343,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
                 import torch
 
                 torch.cuda.reset_peak_memory_stats()
+            log.info("bench: end-to-end run starts (%d documents in the stream)", record.documents)
             with Sampler(read) as sampler:
                 started = time.perf_counter()
                 report = worker.run(install_signals=False)
@@ -501,7 +503,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
               limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
               tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
               check_precision: bool, cuda_graphs: bool, model_path: str | None,
-              out_dir: Path | None = None) -> list[Result]:
+              out_dir: Path | None = None, spin_wait: bool = False) -> list[Result]:
     """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
     base = load_model_info(model_path)
     results: list[Result] = []
@@ -520,7 +522,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
                                           tokenizer_processes=tokenizer_processes,
                                           baselines=baselines and mode == tokenize[0],
                                           token_budget=token_budget, window_docs=window_docs,
-                                          cuda_graphs=cuda_graphs)
+                                          cuda_graphs=cuda_graphs, spin_wait=spin_wait)
                     results.append(result)
                     log.info("bench: %s", json.dumps(result.summary()))
                     _save(json_path, results, None)  # a run cut short still leaves what it measured

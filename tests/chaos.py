@@ -86,6 +86,7 @@ class ChaosFigures:
     redis_restarts: int = 0
     redis_outage_seconds: float = 0.0
     pending_at_redis_kill: int = 0  # stream entries delivered and unsettled when Redis died
+    staged_at_redis_kill: int = 0  # parts written and not yet committed when Redis died
     duplicates_dropped: int = 0  # documents of parts refused because another worker committed first
     parts: int = 0
     rows_read: int = 0  # by a DuckDB glob over the output directory, as the workers left it
@@ -197,7 +198,6 @@ class Chaos:
         for _ in range(plan.workers):
             self._spawn("worker")
         next_kill = plan.kill_every[1]  # the first kill once workers had time to start
-        redis_due = 0.0
         while True:
             time.sleep(TICK)
             if self.elapsed() > plan.deadline:
@@ -215,21 +215,19 @@ class Chaos:
                     and self._producer() is not None:
                 self._kill_producer()
             elif not self.figures.redis_restarts and committed >= plan.redis_restart_at * plan.documents:
-                # Worker kills pause until every worker is up (one starting during the outage would
-                # fail its start-up, by design, which tests nothing) and, for a while, until some
-                # worker holds batches, so that the outage cuts commits off half-way.
-                redis_due = redis_due or self.elapsed()
-                holding = self._holding()
-                if not self._workers_starting() and (
-                        any(holding.values()) or self.elapsed() - redis_due > plan.kill_every[1]):
+                # Worker kills pause until every worker is up: one starting during the outage would
+                # fail its start-up (by design: a supervisor restarts it), which tests nothing.
+                if not self._workers_starting():
                     self._restart_redis()
-                    # A worker dies with the outage and its supervisor starts it again as soon as Redis
-                    # answers: the newcomer's start-up recovery meets survivors still retrying commits.
-                    self._kill_a_worker(idle_too=True)
+                    # A worker that held nothing dies with the outage and its supervisor starts it
+                    # again as soon as Redis answers: the newcomer's start-up recovery meets the
+                    # survivors still retrying the commits the outage cut off. They get time to.
+                    self._kill_a_worker(idle=True)
+                    next_kill = self.elapsed() + plan.kill_every[1]
             elif self.elapsed() >= next_kill:
                 # A kill waits (a while) for a worker that holds batches: killing an idle one tests less.
                 overdue = self.elapsed() - next_kill > plan.kill_every[1]
-                if self._kill_a_worker(idle_too=overdue):
+                if self._kill_a_worker(idle=overdue):
                     next_kill = self.elapsed() + self.rng.uniform(*plan.kill_every)
         self._wait_for_exits()
         return self.figures
@@ -305,27 +303,28 @@ class Chaos:
         self.figures.kills.append(Kill(round(self.elapsed(), 1), child.role, child.process.pid, held))
         self.note(f"SIGKILL {child.name} (pid {child.process.pid}), holding {held} unsettled batches")
 
-    def _holding(self) -> dict[str, int]:
-        """Unsettled batches per worker id (consumer), as XPENDING counts them."""
+    def _holders(self) -> dict[int, int]:
+        """Unsettled batches (XPENDING) of each running worker that holds some, by pid."""
         try:
-            return {_text(c["name"]): int(c["pending"])
-                    for c in self.client.xpending(self.keys.stream, GROUP).get("consumers", [])}
+            pending = {_text(c["name"]): int(c["pending"])
+                       for c in self.client.xpending(self.keys.stream, GROUP).get("consumers", [])}
         except redis.RedisError:
             return {}
+        held = {c.process.pid: pending.get(self._registered.get(c.process.pid, ""), 0) for c in self._workers()}
+        return {pid: n for pid, n in held.items() if n}
 
-    def _kill_a_worker(self, *, idle_too: bool) -> bool:
-        """SIGKILL a random worker holding batches (or, with `idle_too`, any started one); start another."""
-        holding = self._holding()
-
-        def held(child: Child) -> int:
-            return holding.get(self._registered.get(child.process.pid, ""), 0)
-
+    def _kill_a_worker(self, *, idle: bool) -> bool:
+        """SIGKILL a random worker holding batches, or with `idle` one holding none (else any); start another."""
+        holders = self._holders()
         started = [c for c in self._workers() if c.process.pid in self._seen_pids]
-        candidates = [c for c in started if held(c)] or (started if idle_too else [])
+        if idle:
+            candidates = [c for c in started if c.process.pid not in holders] or started
+        else:
+            candidates = [c for c in started if c.process.pid in holders]
         if not candidates:
             return False
         victim = self.rng.choice(candidates)
-        entries = held(victim)
+        entries = holders.get(victim.process.pid, 0)
         self._kill(victim, entries)
         self.figures.worker_kills += 1
         self.figures.kills_holding_entries += entries > 0
@@ -346,16 +345,27 @@ class Chaos:
         self.figures.producer_restarts += 1
 
     def _restart_redis(self) -> None:
+        """SIGKILL redis-server at the worst moment found within a few seconds: a part staged, not
+        yet committed (its worker then retries the commit across the outage); start it again."""
+        deadline = time.monotonic() + self.plan.kill_every[1]
+        while not self._staged_parts() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        staged = self._staged_parts()
         with contextlib.suppress(redis.RedisError):
             self.figures.pending_at_redis_kill = int(self.client.xpending(self.keys.stream, GROUP)["pending"])
-        down = time.monotonic()
-        self.note(f"SIGKILL redis-server ({self.figures.pending_at_redis_kill} batches pending)")
         self.server.stop(kill=True)  # only what the AOF holds survives
+        down = time.monotonic()
+        self.figures.staged_at_redis_kill = len(staged)
+        self.note(f"SIGKILL redis-server ({self.figures.pending_at_redis_kill} batches pending, "
+                  f"{len(staged)} parts staged)")
         time.sleep(self.plan.redis_down_seconds)
         self.server.start(timeout=60)
         self.figures.redis_outage_seconds = round(time.monotonic() - down, 2)
         self.figures.redis_restarts += 1
         self.note(f"redis-server started again after {self.figures.redis_outage_seconds} s")
+
+    def _staged_parts(self) -> list[str]:
+        return [p.name for p in self.out.glob(".part-*.tmp")] if self.out.is_dir() else []
 
     def _wait_for_exits(self) -> None:
         """Every process should now exit 0 by itself: the workers finalize the output directory."""

@@ -32,8 +32,8 @@ from embedq.protocol import PAYLOAD_FIELD
 from embedq.verify import verify_job
 from tests.support import run_worker, wait_until, write_jsonl
 
-BATCH = 100  # documents per message
-BACKLOG = 4  # messages: the bound under test
+BATCH = 50  # documents per message
+BACKLOG = 8  # messages: the bound under test
 N_DOCS = 8_500  # real passages, ~616 bytes each: 170 messages, 21 times the bound
 MAX_SEQ_LEN = 16  # the worker's cost, not Redis's: messages carry whole texts whatever this is
 UNBOUNDED = 1_000_000
@@ -129,7 +129,7 @@ def test_redis_memory_stays_at_the_backlog_bound_for_a_corpus_21_times_larger(
     assert len(payloads) == messages == unbounded.max_xlen
     corpus_bytes, largest = sum(payloads), max(payloads)
 
-    # With the bound: producer and worker together; the producer waits whenever 8 messages are unsettled.
+    # With the bound: producer and worker together; the producer waits whenever BACKLOG messages are unsettled.
     out = tmp_path / "out"
     with RedisServer(extra_args=("--hz", "100")) as server:
         client = redis.Redis.from_url(server.url)
