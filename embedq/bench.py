@@ -343,7 +343,13 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
                 import torch
 
                 torch.cuda.reset_peak_memory_stats()
-            log.info("bench: end-to-end run starts (%d documents in the stream)", record.documents)
+            interval = os.environ.get("EMBEDQ_SWITCH_INTERVAL")
+            if interval:  # experiment: how much the GIL hand-off between the worker's threads costs
+                import sys
+
+                sys.setswitchinterval(float(interval))
+            log.info("bench: end-to-end run starts (%d documents in the stream, switch interval %s)",
+                     record.documents, interval or "default")
             with Sampler(read) as sampler:
                 started = time.perf_counter()
                 report = worker.run(install_signals=False)
