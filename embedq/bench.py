@@ -82,11 +82,13 @@ class Scenario:
     limit: int | None = None
     device: str = "cuda"
     precision: str = "fp16"
+    cuda_graphs: bool = True
 
     @property
     def label(self) -> str:
         where = "pretokenized" if self.pretokenize else "worker-tokenized"
-        return f"{self.model} / {self.corpus} x{self.repeat} / {where}"
+        graphs = " / CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
+        return f"{self.model} / {self.corpus} x{self.repeat} / {where}{graphs}"
 
 
 @dataclass
@@ -300,7 +302,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     profiles = profile_table(model.max_seq_len, token_budget, seq_lens)
     engine = create_engine("torch", EngineConfig(model=model, profiles=profiles, device=scenario.device,
                                                  precision=scenario.precision),
-                           **({"cuda_graphs": True} if cuda_graphs else {}),
+                           **({"cuda_graphs": True} if cuda_graphs and scenario.device.startswith("cuda") else {}),
                            **({"spin_wait": True} if spin_wait else {}))
     if baselines:
         tok = measure_tokenizers(model, one_copy, tokenizer_processes)
@@ -343,13 +345,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
                 import torch
 
                 torch.cuda.reset_peak_memory_stats()
-            interval = os.environ.get("EMBEDQ_SWITCH_INTERVAL")
-            if interval:  # experiment: how much the GIL hand-off between the worker's threads costs
-                import sys
-
-                sys.setswitchinterval(float(interval))
-            log.info("bench: end-to-end run starts (%d documents in the stream, switch interval %s)",
-                     record.documents, interval or "default")
+            log.info("bench: end-to-end run starts (%d documents in the stream)", record.documents)
             with Sampler(read) as sampler:
                 started = time.perf_counter()
                 report = worker.run(install_signals=False)
@@ -522,7 +518,8 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
             for corpus_name, corpus_path in corpora:
                 for mode in tokenize:
                     scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
-                                        repeat=repeat, limit=limit, device=device, precision=precision)
+                                        repeat=repeat, limit=limit, device=device, precision=precision,
+                                        cuda_graphs=cuda_graphs)
                     log.info("bench: %s", scenario.label)
                     result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
                                           tokenizer_processes=tokenizer_processes,

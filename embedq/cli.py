@@ -137,7 +137,7 @@ TokProcOpt = Annotated[int | None, typer.Option(
     "--tokenizer-processes", help="Processes that tokenize for the worker. Default: all cores but two on a "
     "GPU node, 0 (in the worker) on a CPU node.", rich_help_panel=_WORKER, show_default=False)]
 GraphsOpt = Annotated[bool | None, typer.Option(
-    "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (helps small batches).",
+    "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA). Default: on.",
     rich_help_panel=_WORKER, show_default=False)]
 WindowOpt = Annotated[int | None, typer.Option(
     "--window-docs", help="Documents sorted by length together and written as one part. Default: 16384.",
@@ -307,7 +307,7 @@ def _engine(settings: Settings, info):  # type: ignore[no-untyped-def]
     profiles = profile_table(info.max_seq_len, budget, seq_lens)
     config = EngineConfig(model=info, profiles=profiles, device=device, precision=precision,
                           threads=settings.threads)
-    options = {"cuda_graphs": True} if settings.cuda_graphs and backend == "torch" else {}
+    options = {"cuda_graphs": True} if settings.cuda_graphs and backend == "torch" and on_gpu else {}
     return create_engine(backend, config, **options)
 
 
@@ -569,7 +569,8 @@ def bench(
     window_docs: Annotated[int, typer.Option("--window-docs", help="Documents per window and part.")] = 32768,
     tokenizer_processes: Annotated[int | None, typer.Option(
         "--tokenizer-processes", help="Tokenizer pool size. Default: all cores but two.", show_default=False)] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Capture a CUDA graph per profile.")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
+                                              help="Capture a CUDA graph per profile.")] = True,
     spin_wait: Annotated[bool, typer.Option(
         "--spin-wait", help="Wait for GPU results spinning, not sleeping.")] = False,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",

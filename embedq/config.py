@@ -51,7 +51,10 @@ class Settings:
     token_budget: int | None = None  # padded tokens per engine batch; None: by device
     seq_lens: str | None = None  # comma-separated profile lengths (from `embedq profile`); None: default table
     tokenizer_processes: int | None = None  # None: all cores but two on a GPU node, none on a CPU node
-    cuda_graphs: bool = False
+    # One CUDA graph per profile: with them the H200 ran the gloss corpus end to end at 148k docs/s,
+    # without them at 38k (the engine thread's per-kernel Python dispatch starves under the other
+    # threads; `embedq bench`, 2026-11-28). Only used on CUDA.
+    cuda_graphs: bool = True
     window_docs: int = 16384  # documents sorted and bucketed together, and written as one part
     prefetch: int = 2  # windows prepared ahead of the engine
     commit_threads: int = 2  # parts written in parallel
