@@ -31,7 +31,7 @@ import typer
 
 from embedq import __version__
 from embedq.config import Settings, load_settings
-from embedq.errors import EmbedqError, JobMismatch, UsageError
+from embedq.errors import EmbedqError, JobMismatch, RedisUnavailable, UsageError
 
 log = logging.getLogger("embedq")
 
@@ -272,6 +272,12 @@ def _wait_for_job(client, keys, wait: bool):  # type: ignore[no-untyped-def]
     return record
 
 
+def check_model(record, info) -> None:  # type: ignore[no-untyped-def]
+    from embedq.job import check_model as check
+
+    check(record, info)
+
+
 def _worker_model(settings: Settings, record):  # type: ignore[no-untyped-def]
     """The model a worker loads: --model, else the job's model path if it exists here, else the default."""
     if settings.model is not None:
@@ -365,6 +371,7 @@ def work(
     output = open_output(out)
     record = _wait_for_job(client, keys, wait)
     info = _worker_model(settings, record)
+    check_model(record, info)  # before the engine: building one can take minutes
     with _engine(settings, info) as engine, _tokenizer(settings, info, engine.config.device) as encode:
         worker = Worker(client, keys, record, info, engine, output, _worker_options(settings), encode=encode)
         report = worker.run()
@@ -391,6 +398,7 @@ def run(
     token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
     cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, output_dtype: DtypeOpt = None,
     pretokenize: PretokOpt = None, redis: RedisOpt = None, key_prefix: PrefixOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
 ) -> None:
     """Embed SOURCE into DIR end to end on this machine (producer and worker in one process).
 
@@ -409,7 +417,8 @@ def run(
                  allow_duplicate_ids=allow_duplicate_ids, backend=backend, device=device, precision=precision,
                  threads=threads, token_budget=token_budget, seq_lens=seq_lens,
                  tokenizer_processes=tokenizer_processes, cuda_graphs=cuda_graphs, window_docs=window_docs,
-                 output_dtype=output_dtype, pretokenize=pretokenize, key_prefix=key_prefix)
+                 output_dtype=output_dtype, pretokenize=pretokenize, key_prefix=key_prefix, tls_ca=tls_ca,
+                 tls_cert=tls_cert, tls_key=tls_key)
     settings = _settings(redis=redis, **flags)
     output = open_output(out)
     info = _model(settings)
@@ -700,6 +709,7 @@ def dead_replay(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Put dead-lettered documents back into the job's stream (after a fix); then run workers again."""
+    from embedq import job as job_record
     from embedq.deadletter import list_dead, replay
 
     settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -709,10 +719,14 @@ def dead_replay(
     if ids and len(entries) != len(ids):
         missing = set(ids) - {e.dead_id for e in entries}
         raise UsageError(f"No dead letter with id {', '.join(sorted(missing))} in job {job!r}.")
-    documents, skipped = replay(client, keys, entries)
-    typer.echo(f"job {job}: replayed {documents:,} documents"
-               + (f"; {len(skipped)} dead letter(s) are not replayable (unreadable messages): "
-                  + ", ".join(skipped[:10]) if skipped else ""))
+    record = job_record.require(client, keys)
+    documents, skipped = replay(client, keys, entries, allow_empty=record.allow_empty)
+    typer.echo(f"job {job}: replayed {documents:,} documents; run `embedq work --job {job}` to embed them"
+               if documents else f"job {job}: nothing replayed")
+    for dead_id, reason in skipped[:20]:
+        typer.echo(f"  skipped {dead_id}: {reason}")
+    if len(skipped) > 20:
+        typer.echo(f"  ... and {len(skipped) - 20} more skipped")
 
 
 @app.command()
@@ -785,14 +799,11 @@ def _main(
 
 def main() -> None:
     """Entry point: run the CLI, turning embedq's errors into a message and an exit code."""
+    import redis
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
-        # Without standalone mode click *returns* the code of a `typer.Exit(code)` raised in a
-        # command instead of raising it: pass it on, or `status` of a missing job, a declined
-        # `delete` and an interrupted `run` would all exit 0.
         code = app(standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
     except EmbedqError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -803,10 +814,19 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except redis.exceptions.NoPermissionError as exc:
+        typer.echo(f"error: Redis refused a command ({exc}). The Redis user needs access to this job's keys "
+                   "(~PREFIX:*, see --key-prefix) and to the commands listed in the README's security section.",
+                   err=True)
+        sys.exit(RedisUnavailable.exit_code)
+    except redis.exceptions.RedisError as exc:
+        typer.echo(f"error: Redis failed: {exc}", err=True)
+        sys.exit(RedisUnavailable.exit_code)
+    except Exception as exc:
+        # Usage errors of click (typer carries its own copy of click, so match by shape, not class).
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    # standalone_mode=False makes click return the code of a typer.Exit instead of raising it.
+    sys.exit(code if isinstance(code, int) else 0)

@@ -75,6 +75,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_deliveries < 2:
+            raise UsageError("max-deliveries must be at least 2 (the first delivery counts as one)")
         if self.lease_seconds < 1:
             raise UsageError(f"lease-seconds must be at least 1, got {self.lease_seconds}")
         if self.output_dtype not in ("float32", "float16"):

@@ -131,8 +131,25 @@ return 1
 """
 
 
-def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry]) -> tuple[int, list[str]]:
-    """Put replayable dead letters back into the batch stream; returns (documents replayed, skipped ids).
+DUPLICATE_ID = "duplicate id"
+EMPTY_TEXT = "empty text"
+
+
+def why_not_replayable(letter: DeadLetter, *, allow_empty: bool) -> str | None:
+    """The reason a letter cannot go back into the stream, or None if it can."""
+    if letter.reason == DUPLICATE_ID:
+        return "duplicate id: the first document with this id is already embedded"
+    if not letter.replayable or not letter.payload:
+        return f"{letter.reason}: its content was not kept (unreadable, oversized or invalid)"
+    if letter.reason == EMPTY_TEXT and not allow_empty:
+        return "empty text: the job does not embed empty documents, so it would come straight back"
+    return None
+
+
+def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, allow_empty: bool = False
+           ) -> tuple[int, list[tuple[str, str]]]:
+    """Put replayable dead letters back into the batch stream; returns (documents replayed,
+    [(dead id, why it was skipped)]).
 
     Each letter moves in one atomic step (XADD to the batches, XDEL from the dead stream), so a
     crash during replay neither loses nor doubles a document.
@@ -141,12 +158,13 @@ def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry]) -> 
     replayed, skipped = 0, []
     for entry in entries:
         letter = entry.letter
-        if not letter.replayable:
-            skipped.append(entry.dead_id)
+        reason = why_not_replayable(letter, allow_empty=allow_empty)
+        if reason is not None:
+            skipped.append((entry.dead_id, reason))
             continue
         message = msgspec.msgpack.decode(letter.payload, type=BatchMessage)
         if message.v != SCHEMA_VERSION:
-            skipped.append(entry.dead_id)
+            skipped.append((entry.dead_id, f"schema version {message.v} is not this version's"))
             continue
         moved = script(keys=[keys.dead, keys.stream, keys.stats],
                        args=[entry.dead_id, encode_batch(message), len(message.ids)])

@@ -120,20 +120,16 @@ def validate_batch(message: BatchMessage, *, job: str, limits: Limits) -> None:
             raise ProtocolError("message carries both texts and token ids")
         if len(message.texts) != n:
             raise ProtocolError(f"{n} ids but {len(message.texts)} texts")
-        _check_text_sizes(message, limits)
     else:
         _check_token_shapes(message, n, limits)
 
 
-def _check_text_sizes(message: BatchMessage, limits: Limits) -> None:
-    # A character is at most 4 UTF-8 bytes, so only texts longer than a quarter of the limit need
-    # encoding to be measured exactly; this keeps validation off the hot path for normal documents.
-    quarter = limits.max_doc_bytes // 4
-    for doc_id, text in zip(message.ids, message.texts or (), strict=True):
-        if len(text) > quarter and len(text.encode("utf-8", "surrogatepass")) > limits.max_doc_bytes:
-            raise ProtocolError(
-                f"document {doc_id!r} is over the size limit of {limits.max_doc_bytes} bytes"
-            )
+def document_too_large(text: str, limit: int) -> bool:
+    """Whether a text is over `limit` UTF-8 bytes (checked per document, so one oversized document
+    is set aside alone, not with its batch)."""
+    # A character is at most 4 UTF-8 bytes: only texts longer than a quarter of the limit need
+    # encoding to be measured, which keeps the check off the hot path for normal documents.
+    return len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit
 
 
 def _check_token_shapes(message: BatchMessage, n: int, limits: Limits) -> None:
@@ -142,10 +138,10 @@ def _check_token_shapes(message: BatchMessage, n: int, limits: Limits) -> None:
     if len(message.tokens) % 4 or len(message.lengths) != 4 * n or len(message.truncated) != n:
         raise ProtocolError("token arrays do not match the number of documents")
     lengths = np.frombuffer(message.lengths, dtype="<i4")
-    if lengths.min() <= 0 or int(lengths.sum()) * 4 != len(message.tokens):
+    if lengths.min() <= 0:
+        raise ProtocolError("a document has no token ids (every document needs at least one)")
+    if int(lengths.sum()) * 4 != len(message.tokens):
         raise ProtocolError("token lengths do not add up to the token array")
-    if int(lengths.max()) * 4 > limits.max_doc_bytes:
-        raise ProtocolError(f"a document has {int(lengths.max())} tokens, over the size limit")
     tokens = np.frombuffer(message.tokens, dtype="<i4")
     if tokens.size and int(tokens.min()) < 0:
         raise ProtocolError("negative token id")

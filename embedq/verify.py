@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import redis
 
 from embedq import job as job_record
-from embedq.deadletter import list_dead
+from embedq.deadletter import DUPLICATE_ID, list_dead
 from embedq.errors import VerificationFailed
 from embedq.keys import JobKeys
 from embedq.protocol import DocId
@@ -54,6 +54,7 @@ class Verification:
     output_rows: int = 0
     parts: int = 0
     dead_documents: int = 0
+    duplicates_set_aside: int = 0  # repeated source ids the producer dead-lettered (--allow-duplicate-ids)
     missing: int = 0
     duplicated: int = 0
     unexpected: int = 0
@@ -84,6 +85,8 @@ class Verification:
             f"  not in the source  {self.unexpected:,}",
             f"  invalid values     {self.invalid_values:,}",
         ]
+        if self.duplicates_set_aside:
+            lines.append(f"  repeated source ids set aside (--allow-duplicate-ids): {self.duplicates_set_aside:,}")
         if self.dead_and_output:
             lines.append(f"  both dead-lettered and in the output: {self.dead_and_output:,}")
         if not self.complete:
@@ -117,7 +120,11 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     result.problems += [f"committed part {name} is missing from {output.path}" for name in repaired.missing]
 
     output_hashes = _check_parts(output, repaired.parts, record, result)
-    dead_ids = [doc_id for entry in list_dead(client, keys) for doc_id in entry.letter.doc_ids]
+    letters = list_dead(client, keys)
+    # A repeated id's letter names an id whose first occurrence is in the output: it accounts for the
+    # repeat, not for a missing document.
+    result.duplicates_set_aside = sum(len(e.letter.doc_ids) for e in letters if e.letter.reason == DUPLICATE_ID)
+    dead_ids = [doc_id for e in letters if e.letter.reason != DUPLICATE_ID for doc_id in e.letter.doc_ids]
     result.dead_documents = len(dead_ids)
     dead_hashes = hash_ids(dead_ids)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from embedq.deadletter import DUPLICATE_ID, EMPTY_TEXT
 from embedq.producer.sources import Source
 from embedq.protocol import DocId, Limits
 
@@ -77,13 +78,13 @@ def plan_batches(source: Source, rules: BatchRules, *, start_seq: int = 0, start
 def _place(batch: PlannedBatch, doc_id: DocId, text: str, size: int, problem: str | None, position: int,
            rules: BatchRules) -> None:
     index = position - batch.pos
-    if problem == "empty text" and rules.allow_empty:
+    if problem == EMPTY_TEXT and rules.allow_empty:
         problem = None
     if problem is None and position in rules.skip_positions:
-        problem = "duplicate id"
+        problem = DUPLICATE_ID
         batch.rejected.append(Rejected(index, doc_id, problem,
                                        f"id {doc_id!r} appears earlier in the source; the first one is embedded",
-                                       text))
+                                       None))
         return
     if problem is None and size > rules.limits.max_doc_bytes:
         batch.rejected.append(Rejected(
@@ -92,7 +93,7 @@ def _place(batch: PlannedBatch, doc_id: DocId, text: str, size: int, problem: st
             "--max-doc-bytes", None))
         return
     if problem is not None:
-        keep = text if problem == "empty text" else None
+        keep = text if problem == EMPTY_TEXT else None
         batch.rejected.append(Rejected(index, doc_id, problem, f"{problem} at source position {position}", keep))
         return
     batch.ids.append(doc_id)

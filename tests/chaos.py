@@ -6,8 +6,10 @@
 
 The controller ticks a few times a second: it reaps processes, fires the events that are due
 (worker kills by time; the producer kill and the Redis restart by progress, so they always land
-while the job is running), and stops when the job is complete. Every child is killed and reaped
-in `close`, also when the test fails.
+while the job is running), and stops when the job is complete. Faults aim where they hurt: a kill
+takes a worker holding unsettled batches, Redis dies while a part is staged and not committed,
+and a worker starts the moment Redis is back, while the others still retry their commits. Every
+child is killed and reaped in `close`, also when the test fails.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import redis
 
 from embedq.connection import RedisServer
 from embedq.keys import GROUP, JobKeys
+from embedq.worker.commit import part_writer
+from embedq.worker.output import STAGING_PREFIX, STAGING_SUFFIX
 from embedq.worker.worker import job_complete
 
 TICK = 0.2  # seconds between controller rounds
@@ -61,16 +65,6 @@ class ChaosPlan:
 
 
 @dataclass
-class Kill:
-    """One SIGKILL: when (seconds into the run), whom, and the batches it held unsettled."""
-
-    at: float
-    role: str
-    pid: int
-    held_entries: int = 0
-
-
-@dataclass
 class ChaosFigures:
     """What a chaos run did and found; printed, and written as JSON for the README."""
 
@@ -96,13 +90,10 @@ class ChaosFigures:
     verify_exit_code: int | None = None
     verify_output: str = ""
     unexpected_exits: list[str] = field(default_factory=list)
-    kills: list[Kill] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # the timeline
 
     def summary(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("kills")
-        return data
+        return asdict(self)
 
 
 @dataclass
@@ -113,7 +104,6 @@ class Child:
     number: int
     process: subprocess.Popen[bytes]
     log: Path
-    started: float
     killed: bool = False
 
     @property
@@ -251,7 +241,7 @@ class Chaos:
             # Its own session, so that close() can kill anything it started too (a tokenizer pool).
             process = subprocess.Popen([sys.executable, "-m", "embedq", *args], env=env, stdout=sink,
                                        stderr=subprocess.STDOUT, start_new_session=True)
-        child = Child(role, number, process, log, self.elapsed())
+        child = Child(role, number, process, log)
         self.children.append(child)
         self.note(f"started {child.name} (pid {process.pid})")
         return child
@@ -281,7 +271,8 @@ class Chaos:
             pipe.hget(self.keys.stats, "docs_committed")
             pipe.hgetall(self.keys.workers)
             produced, committed, workers = pipe.execute()
-            self._registered = {int(json.loads(v)["pid"]): _text(k) for k, v in workers.items()}
+            beats = {_text(k): json.loads(v) for k, v in workers.items()}
+            self._registered = {int(beat["pid"]): name for name, beat in beats.items() if "pid" in beat}
             self._seen_pids |= self._registered.keys()
             return int(produced or 0), int(committed or 0), job_complete(self.client, self.keys)
         except redis.RedisError:
@@ -294,13 +285,12 @@ class Chaos:
         """Some worker has not registered yet: a Redis outage now would fail its start-up."""
         return any(c.process.pid not in self._seen_pids for c in self._workers())
 
-    def _kill(self, child: Child, held: int) -> None:
+    def _kill(self, child: Child, held: int = 0) -> None:
         _kill_group(child.process)
         child.process.wait(timeout=KILL_WAIT)
         child.killed = True
         self.children.remove(child)
         self.finished.append(child)
-        self.figures.kills.append(Kill(round(self.elapsed(), 1), child.role, child.process.pid, held))
         self.note(f"SIGKILL {child.name} (pid {child.process.pid}), holding {held} unsettled batches")
 
     def _holders(self) -> dict[int, int]:
@@ -339,7 +329,7 @@ class Chaos:
     def _kill_producer(self) -> None:
         producer = self._producer()
         assert producer is not None
-        self._kill(producer, 0)
+        self._kill(producer)
         self.figures.producer_kills += 1
         self._spawn("producer")  # it resumes after the last batch Redis has, once the lock expires
         self.figures.producer_restarts += 1
@@ -365,7 +355,11 @@ class Chaos:
         self.note(f"redis-server started again after {self.figures.redis_outage_seconds} s")
 
     def _staged_parts(self) -> list[str]:
-        return [p.name for p in self.out.glob(".part-*.tmp")] if self.out.is_dir() else []
+        """Parts that running workers have written and not yet committed (not orphans of dead ones)."""
+        running = {self._registered.get(c.process.pid) for c in self._workers()}
+        names = [p.name[len(STAGING_PREFIX):-len(STAGING_SUFFIX)]
+                 for p in self.out.glob(f"{STAGING_PREFIX}part-*{STAGING_SUFFIX}")] if self.out.is_dir() else []
+        return [name for name in names if part_writer(name) in running]
 
     def _wait_for_exits(self) -> None:
         """Every process should now exit 0 by itself: the workers finalize the output directory."""

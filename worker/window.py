@@ -14,7 +14,7 @@ import numpy as np
 
 from embedq import deadletter
 from embedq.errors import ProtocolError
-from embedq.protocol import BatchMessage, DocId, Limits, decode_batch
+from embedq.protocol import BatchMessage, DocId, Limits, decode_batch, document_too_large
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.consumer import Delivery
 
@@ -56,6 +56,7 @@ class DocumentRules:
     allow_empty: bool = False
     vocab_size: int = 0
     max_tokens: int = 0
+    id_type: str = ""  # "string" or "int64": the job's; ids of another type cannot go into its Parquet
 
 
 def assemble(deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str) -> Window:
@@ -91,11 +92,13 @@ def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules
     for k, message in enumerate(window.messages):
         if message.texts is not None:
             keep, problems = _text_problems(message.texts, rules)
+            keep = _check_ids(message.ids, keep, problems, rules)
             texts.extend(message.texts[i] for i in keep)
             parts.append(None)  # filled from the one tokenizer call below
         else:
             tokens_all, lengths, truncated = message.token_arrays()
             keep, problems = _token_problems(tokens_all, lengths, rules)
+            keep = _check_ids(message.ids, keep, problems, rules)
             parts.append(_select_tokens(tokens_all, lengths, truncated, keep))
         keeps.append(keep)
         for reason, rows in problems.items():
@@ -122,12 +125,34 @@ def _slice_docs(docs: TokenizedDocs, start: int, stop: int) -> TokenizedDocs:
                          docs.truncated[start:stop])
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_ids(ids: list[DocId], keep: list[int], problems: dict[str, list[int]], rules: DocumentRules) -> list[int]:
+    """Drop (and report) documents whose id does not fit the job's id type."""
+    if not rules.id_type:
+        return keep
+    if rules.id_type == "int64":
+        def fits(doc_id: DocId) -> bool:
+            return type(doc_id) is int and _INT64[0] <= doc_id <= _INT64[1]
+    else:
+        def fits(doc_id: DocId) -> bool:
+            return type(doc_id) is str
+    if all(fits(ids[i]) for i in keep):
+        return keep
+    wrong = [i for i in keep if not fits(ids[i])]
+    problems[f"id of the wrong type (the job's ids are {rules.id_type})"] = wrong
+    return [i for i in keep if fits(ids[i])]
+
+
 def _text_problems(texts: list[str], rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:
     problems: dict[str, list[int]] = {}
     keep: list[int] = []
     for i, text in enumerate(texts):
         if not rules.allow_empty and (not text or text.isspace()):
-            problems.setdefault("empty text", []).append(i)
+            problems.setdefault(deadletter.EMPTY_TEXT, []).append(i)
+        elif document_too_large(text, rules.limits.max_doc_bytes):
+            problems.setdefault("document over the size limit", []).append(i)
         elif _has_surrogates(text):
             problems.setdefault("invalid UTF-8", []).append(i)
         else:

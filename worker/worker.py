@@ -143,7 +143,7 @@ class Worker:
         self.lease = Lease(client, keys, self.id, self.consumer, self.in_flight, options.lease_seconds,
                            self._status)
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
-                                   vocab_size=model.vocab_size, max_tokens=model.max_seq_len)
+                                   vocab_size=model.vocab_size, max_tokens=model.max_seq_len, id_type=record.id_type)
         self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len).encode
         self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
         self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=max(2, options.commit_threads))

@@ -255,9 +255,6 @@ def test_a_second_tenant_with_its_own_key_prefix_keeps_even_a_same_named_job_apa
     assert status["committed_documents"] == 30 and status["documents"] == 30
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a NOPERM reply on a key is not turned into an EmbedqError: the CLI exits 1 with a "
-                          "traceback (see the report for the fix in cli.main)")
 def test_a_tenant_reaching_outside_its_key_prefix_exits_5_with_a_clear_message(secure: SecureRedis) -> None:
     result = embedq("status", "--job", JOB, *tenant_args(secure, "tenantb"))  # tenant A's prefix, embedq
     assert result.returncode == 5, output_of(result)

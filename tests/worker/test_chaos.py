@@ -9,9 +9,11 @@ The full size runs with `pytest -m chaos`; the bounded size runs in the normal s
 EMBEDQ_CHAOS_REPORT=path.json to keep the figures (the README's reliability section quotes them).
 
 Redis runs with `appendfsync everysec`, the setting production uses. A SIGKILLed redis-server
-loses nothing it acknowledged under either setting: Redis write()s each command to the AOF before
-it replies, and the page cache outlives the process. `everysec` and `always` differ only when the
-machine itself dies (everysec can lose the last second); here the point is a restart mid-job.
+loses (almost) nothing it acknowledged under either setting: Redis write()s each command to the
+AOF before it replies, and the page cache outlives the process; only when a background fsync
+stalls on a slow disk may everysec hold writes back for up to 2 s. The two settings differ when
+the machine itself dies (everysec can lose the last second or two, which contract 7 covers); what
+this run restarts is the process, mid-job, with commits in flight.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ JOB = "chaos"
 
 
 @pytest.mark.parametrize("plan", [
-    pytest.param(BOUNDED, id="bounded", marks=[pytest.mark.slow, pytest.mark.timeout(600)]),
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(2700)]),
+    pytest.param(BOUNDED, id="bounded", marks=[pytest.mark.slow, pytest.mark.timeout(900)]),
+    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(3600)]),
 ])
 def test_every_document_comes_out_exactly_once_while_workers_producer_and_redis_are_killed(
         plan: ChaosPlan, tiny_model: Path, gloss_texts: list[str], tmp_path: Path,
@@ -203,7 +205,7 @@ def assert_status_says_complete(url: str, n: int) -> None:
 
 
 def embedq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "embedq", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "embedq", *args], capture_output=True, text=True, timeout=300)
 
 
 def report(size: str, figures: ChaosFigures) -> None:
