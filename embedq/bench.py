@@ -410,35 +410,45 @@ def precision_check(model: ModelInfo, texts: list[str], device: str, token_budge
     return out
 
 
-def plot(results: list[Result], path: Path) -> None:
-    """Documents per second through each stage over time, one panel per scenario."""
+def plot(timelines: dict[str, list[dict[str, float]]], path: Path, smooth: float = 1.0) -> None:
+    """Documents per second through each stage over time (averaged over `smooth` seconds, since
+    the counters move a window at a time), one panel per scenario."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = 2
-    rows = max(1, (len(results) + columns - 1) // columns)
+    rows = max(1, (len(timelines) + columns - 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(12, 3.2 * rows), squeeze=False)
-    for ax, result in zip(axes.flat, results, strict=False):
-        samples = result.timeline
+    for ax, (label, samples) in zip(axes.flat, timelines.items(), strict=False):
         if len(samples) < 2:
             continue
         t = np.array([s["t"] for s in samples])
         for stage in ("fetched", "tokenized", "embedded", "committed"):
             values = np.array([s[stage] for s in samples])
-            rate = np.gradient(values, t)
+            earlier = np.interp(t - smooth, t, values, left=values[0])
+            span = np.minimum(smooth, t - t[0])
+            rate = np.divide(values - earlier, span, out=np.zeros_like(values, dtype=float), where=span > 0)
             ax.plot(t, rate / 1000.0, label=stage)
-        ax.set_title(result.scenario.label, fontsize=9)
+        ax.set_title(label, fontsize=9)
         ax.set_xlabel("seconds")
-        ax.set_ylabel("k documents/s")
+        ax.set_ylabel(f"k documents/s ({smooth:g} s average)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(results):]:
+    for ax in list(axes.flat)[len(timelines):]:
         ax.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def replot(json_paths: list[Path], path: Path) -> None:
+    """Draw the plot again from saved results (several files are drawn side by side)."""
+    timelines: dict[str, list[dict[str, float]]] = {}
+    for json_path in json_paths:
+        timelines.update(json.loads(json_path.read_text())["timelines"])
+    plot(timelines, path)
 
 
 def render(results: list[Result], precision: dict[str, float] | None) -> str:
@@ -533,6 +543,6 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
             texts = [t for _, path in corpora for t in load_corpus(path, 1, limit)[1]]
             precision_report = precision_check(base, texts, device, token_budget)
     _save(json_path, results, precision_report)
-    plot(results, plot_path)
+    plot({r.scenario.label: r.timeline for r in results}, plot_path)
     print(render(results, precision_report))
     return results

@@ -591,12 +591,20 @@ def bench(
     out_dir: Annotated[str | None, typer.Option(
         "--out-dir", help="Where the worker writes its Parquet parts (fsynced). Default: a temporary directory.",
         show_default=False)] = None,
+    replot: Annotated[list[str] | None, typer.Option(
+        "--replot", help="Only draw --plot again from saved --json results (repeatable); runs nothing.",
+        show_default=False)] = None,
     redis: RedisOpt = None,
 ) -> None:
     """Measure end-to-end throughput on this machine against the GPU-only ceiling, sentence-transformers
     and the tokenizer alone; print a table, write JSON and a plot."""
     from embedq.bench import SHAPES, run_bench
 
+    if replot:
+        from embedq.bench import replot as draw
+
+        draw([Path(p) for p in replot], Path(plot_out))
+        return
     base = Path(corpus_dir or os.environ.get("EMBEDQ_CORPUS_DIR") or Path.home() / ".cache" / "embedq-test-corpus")
     corpora = []
     for item in corpus or ["passages", "glosses"]:
