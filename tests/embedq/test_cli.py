@@ -39,6 +39,12 @@ def test_run_embeds_the_bundled_sample_end_to_end_and_verify_agrees(tmp_path: Pa
 
     rows = duckdb.sql(f"select count(*), count(distinct id), min(len(embedding)) from '{out}/*.parquet'").fetchall()[0]
     assert rows == (1000, 1000, 384)
+    import pandas
+    import polars
+
+    frame = polars.scan_parquet(str(out / "*.parquet")).collect()
+    assert frame.height == 1000 and frame["id"].n_unique() == 1000
+    assert pandas.read_parquet(out).shape == (1000, 4)
 
 
 def test_run_starts_a_private_redis_when_none_answers(tmp_path: Path) -> None:
