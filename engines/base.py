@@ -87,6 +87,24 @@ class Engine(Protocol):
         ...
 
 
+class EngineBase:
+    """What every backend shares: its config, dimension and sorted profiles."""
+
+    name = "base"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._profiles = tuple(sorted(config.profiles))
+
+    @property
+    def dim(self) -> int:
+        return self.config.model.dim
+
+    @property
+    def profiles(self) -> Sequence[Profile]:
+        return self._profiles
+
+
 class Done:
     """A `Pending` whose result is already computed (synchronous backends)."""
 

@@ -13,11 +13,11 @@ import numpy as np
 
 from embedq.errors import EngineError
 
-from .base import Done, EngineConfig, Pending, Profile, check_batch
+from .base import Done, EngineBase, EngineConfig, Pending, check_batch
 from .onnx_export import EMBEDDINGS, INPUT_IDS, LENGTHS, export_onnx
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(EngineBase):
     """Runs the cached ONNX export with ONNX Runtime; `submit` returns a finished `Done`."""
 
     name = "onnxruntime"
@@ -28,17 +28,8 @@ class OnnxRuntimeEngine:
                 f"the onnxruntime backend runs the fp32 graph only, not {config.precision}; "
                 "use --precision fp32, or the torch backend on CUDA for fp16/bf16."
             )
-        self.config = config
-        self._profiles = tuple(sorted(config.profiles))
+        super().__init__(config)
         self._session: Any = None
-
-    @property
-    def dim(self) -> int:
-        return self.config.model.dim
-
-    @property
-    def profiles(self) -> Sequence[Profile]:
-        return self._profiles
 
     def __enter__(self) -> OnnxRuntimeEngine:
         import onnxruntime as ort

@@ -21,7 +21,7 @@ import numpy as np
 from embedq.errors import EngineError
 from embedq.model import ModelInfo, Pooling
 
-from .base import Done, EngineConfig, Pending, Profile, check_batch
+from .base import Done, EngineBase, EngineConfig, Pending, Profile, check_batch
 from .pooling import pooling_head
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
     return SentenceEncoder
 
 
-class TorchEngine:
+class TorchEngine(EngineBase):
     """The torch backend: `cpu` or `cuda[:N]`, fp32 anywhere, fp16 and bf16 on CUDA."""
 
     name = "torch"
@@ -127,21 +127,12 @@ class TorchEngine:
                 raise EngineError("CUDA graphs need a CUDA device; leave them off on CPU.")
         if slots_per_profile < 2:
             raise ValueError("the CUDA pipeline double-buffers: slots_per_profile must be at least 2")
-        self.config = config
+        super().__init__(config)
         self.cuda_graphs = cuda_graphs
         self.slots_per_profile = slots_per_profile
         self.spin_wait = spin_wait
-        self._profiles = tuple(sorted(config.profiles))
         self._encoder: Any = None
         self._pipeline: _CudaPipeline | None = None
-
-    @property
-    def dim(self) -> int:
-        return self.config.model.dim
-
-    @property
-    def profiles(self) -> Sequence[Profile]:
-        return self._profiles
 
     def __enter__(self) -> TorchEngine:
         import torch
