@@ -1,7 +1,7 @@
 """Length-sorted padded batches of tokenized documents, for feeding engines in tests and benchmarks.
 
-A stand-in for the worker's bucketing (worker/buckets.py): sort by length, cut into runs that fit
-one profile's token budget, pad each run to its profile's max_seq_len.
+The worker's own bucketing (worker/buckets.py) and engine stage (worker/pipeline.py), so the engine
+tests feed engines exactly as a worker does.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from embedq.engines.base import Engine, Pending, Profile
+from embedq.engines.base import Profile
 from embedq.tokenization import TokenizedDocs
+from embedq.worker.buckets import pad_batch, plan_buckets, profile_table
 
 
 @dataclass(frozen=True)
@@ -28,28 +29,15 @@ class PaddedBatch:
 
 def bucket_profiles(max_seq_len: int, token_budget: int, step: int = 16) -> tuple[Profile, ...]:
     """Widths every `step` tokens up to `max_seq_len`, each with max_batch = token_budget // width."""
-    widths = sorted({*range(step, max_seq_len, step), max_seq_len})
-    return tuple(Profile(w, max(1, token_budget // w)) for w in widths)
+    return profile_table(max_seq_len, token_budget, seq_lens=range(step, max_seq_len, step))
 
 
 def padded_batches(docs: TokenizedDocs, profiles: tuple[Profile, ...], pad_id: int) -> Iterator[PaddedBatch]:
-    """Sort documents by length and pad them, a profile's max_batch at a time, to the narrowest width."""
-    order = np.argsort(docs.lengths, kind="stable")
+    """The worker's own buckets (worker/buckets.py), shortest first, each padded to its profile."""
     offsets = docs.offsets
-    start = 0
-    while start < order.size:
-        profile = next(p for p in sorted(profiles) if p.max_seq_len >= docs.lengths[order[start]])
-        stop = start
-        # Take documents while they fit the profile; sorted order means the first misfit ends the run.
-        while (stop < order.size and stop - start < profile.max_batch
-               and docs.lengths[order[stop]] <= profile.max_seq_len):
-            stop += 1
-        rows = order[start:stop]
-        input_ids = np.full((rows.size, profile.max_seq_len), pad_id, dtype=np.int32)
-        for row, doc in enumerate(rows):
-            input_ids[row, : docs.lengths[doc]] = docs.tokens[offsets[doc] : offsets[doc + 1]]
-        yield PaddedBatch(rows.astype(np.int64), input_ids, docs.lengths[rows].astype(np.int32))
-        start = stop
+    for bucket in plan_buckets(docs.lengths, profiles):
+        ids, lengths = pad_batch(docs.tokens, offsets, docs.lengths, bucket.rows, bucket.profile.max_seq_len, pad_id)
+        yield PaddedBatch(bucket.rows.astype(np.int64), ids, lengths)
 
 
 def read_texts(path: Path, count: int, seed: int) -> list[str]:
@@ -57,20 +45,6 @@ def read_texts(path: Path, count: int, seed: int) -> list[str]:
     texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     picked = np.random.default_rng(seed).choice(len(texts), size=min(count, len(texts)), replace=False)
     return [texts[i] for i in np.sort(picked)]
-
-
-def embed_documents(engine: Engine, docs: TokenizedDocs, pad_id: int) -> np.ndarray:
-    """Embeddings of every document, in document order, submitting a batch before collecting the last."""
-    out = np.empty((len(docs), engine.dim), dtype=np.float32)
-    in_flight: list[tuple[np.ndarray, Pending]] = []
-    for batch in padded_batches(docs, tuple(engine.profiles), pad_id):
-        in_flight.append((batch.doc_index, engine.submit(batch.input_ids, batch.lengths)))
-        if len(in_flight) > 1:
-            rows, pending = in_flight.pop(0)
-            out[rows] = pending.result()
-    for rows, pending in in_flight:
-        out[rows] = pending.result()
-    return out
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

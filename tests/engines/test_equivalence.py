@@ -14,9 +14,10 @@ from embedq.engines.base import Engine, EngineConfig, Profile
 from embedq.engines.pooling import pool_reference
 from embedq.model import ModelInfo, Pooling, load_model_info
 from embedq.tokenization import Tokenizer
+from embedq.worker.pipeline import embed_documents
 
 from .conftest import THREADS, Sample
-from .corpus_batches import cosine, embed_documents, padded_batches
+from .corpus_batches import cosine, padded_batches
 
 # The contract's tolerance for fp32 backends against sentence-transformers on the same model.
 MIN_COSINE = 0.9999

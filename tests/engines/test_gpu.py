@@ -10,9 +10,10 @@ import pytest
 from embedq.engines import create_engine
 from embedq.engines.base import Engine, EngineConfig, Profile
 from embedq.model import ModelInfo
+from embedq.worker.pipeline import embed_documents
 
 from .conftest import Sample
-from .corpus_batches import cosine, embed_documents, padded_batches
+from .corpus_batches import cosine, padded_batches
 
 torch = pytest.importorskip("torch")
 

@@ -101,7 +101,7 @@ def test_a_worker_starting_never_deletes_a_part_that_a_worker_whose_lease_lapsed
     from embedq.status import live_workers
     from embedq.verify import verify_job
     from embedq.worker.buckets import profile_table
-    from embedq.worker.commit import reconcile
+    from embedq.worker.commit import Settlement, SettleResult, reconcile
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions
 
@@ -116,7 +116,7 @@ def test_a_worker_starting_never_deletes_a_part_that_a_worker_whose_lease_lapsed
         first = Worker(redis_client, keys, record, tiny, engine, out, WorkerOptions(window_docs=100, lease_seconds=5))
         settle = first.committer.settle
 
-        def a_worker_starts_then_settle(settlement):  # type: ignore[no-untyped-def]
+        def a_worker_starts_then_settle(settlement: Settlement) -> SettleResult:
             first.committer.settle = settle  # one newcomer, once: between staging and settling
             redis_client.delete(keys.worker_lease(first.id))  # its heartbeat is late
             reconcile(redis_client, keys, out, live_workers=set(live_workers(redis_client, keys)))  # Worker.run
@@ -192,7 +192,7 @@ def assert_redis_is_drained(client: redis.Redis, keys: JobKeys, out: Path, n: in
     assert client.xpending(keys.stream, GROUP)["pending"] == 0
     assert client.xlen(keys.dead) == 0, "documents were dead-lettered"
     assert int(client.hget(keys.stats, "docs_committed") or 0) == n
-    manifest = {name.decode() + ".parquet" for name in client.hkeys(keys.manifest)}
+    manifest = {f"{name.decode() if isinstance(name, bytes) else name}.parquet" for name in client.hkeys(keys.manifest)}
     assert manifest == {p.name for p in out.glob("*.parquet")}
 
 
