@@ -72,6 +72,11 @@ class JobKeys:
         return self._key("dead")
 
     @property
+    def condemned(self) -> str:
+        """Staged parts that recovery discarded (set): the settle step refuses them from then on."""
+        return self._key("condemned")
+
+    @property
     def failures(self) -> str:
         """Processing failures per stream entry (hash: entry id -> count)."""
         return self._key("failures")

@@ -149,7 +149,7 @@ class Producer:
                     lambda b=batch, p=payload, d=letters: self.publisher.publish(
                         b.seq, b.next_pos, p, b.documents, d, len(b.rejected)),
                     "publish a batch")
-                self.publisher.renew()
+                self._redis(self.publisher.renew, "renew the producer lock")
                 if not result.accepted:
                     assert result.cursor is not None
                     if result.cursor.next_seq > batch.seq:

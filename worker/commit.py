@@ -13,8 +13,11 @@ after a lost reply is safe: a part already in the manifest answers "committed".
 
 A crash after step 1 leaves a staged orphan (its batches are reclaimed and done again); a crash
 after step 2 leaves a committed part still under its staging name, which `reconcile` renames
-(roll forward). Visible parts the manifest does not list can only come from a Redis that lost
-acknowledged writes (failover, AOF `everysec`); `reconcile` removes them.
+(roll forward). `reconcile` deletes a staged orphan only after condemning its name in Redis: a
+writer that merely looked dead (its lease lapsed) is then refused when it settles, and stages the
+part again under a new name, instead of committing a part whose file is gone. Visible parts the
+manifest does not list can only come from a Redis that lost acknowledged writes (failover, AOF
+`everysec`); `reconcile` removes them.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Outcome(Enum):
     SETTLED = "settled"  # this call committed it
     ALREADY = "already"  # the part was committed by an earlier try of this same call
     GONE = "gone"  # some entries were settled elsewhere; `gone` lists them
+    CONDEMNED = "condemned"  # recovery discarded the staged file (its writer looked dead): stage it again
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,15 @@ class SettleResult:
 
 
 _SETTLE = """
--- KEYS: 1 stream, 2 manifest, 3 stats, 4 dead, 5 failures
+-- KEYS: 1 stream, 2 manifest, 3 stats, 4 dead, 5 failures, 6 condemned
 -- ARGV: 1 group, 2 part ('' if none), 3 manifest entry, 4 rows, 5 tokens, 6 dead docs,
 --       7 dead entries, 8 n entry ids, 9 n dead letters, then entry ids, then dead letters
 local part = ARGV[2]
 if part ~= '' and redis.call('HEXISTS', KEYS[2], part) == 1 then
   return {'already', redis.call('XLEN', KEYS[1])}
+end
+if part ~= '' and redis.call('SISMEMBER', KEYS[6], part) == 1 then
+  return {'condemned', redis.call('XLEN', KEYS[1])}
 end
 local n, nd = tonumber(ARGV[8]), tonumber(ARGV[9])
 local gone = {'gone', 0}
@@ -126,6 +133,21 @@ redis.call('HDEL', KEYS[2], id)
 return 1
 """
 
+_CONDEMN = """
+-- KEYS: 1 manifest, 2 condemned.  ARGV: staged part names recovery wants to discard
+-- A part committed meanwhile is kept; any other is condemned, so its writer can no longer commit it.
+local verdicts = {}
+for i = 1, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    verdicts[i] = 'committed'
+  else
+    redis.call('SADD', KEYS[2], ARGV[i])
+    verdicts[i] = 'condemned'
+  end
+end
+return verdicts
+"""
+
 
 class Committer:
     """Runs the settle and split steps of one job against Redis."""
@@ -152,7 +174,7 @@ class Committer:
             *settlement.entries, *(deadletter.encode(d) for d in settlement.dead),
         ]
         reply = self._settle(keys=[self.keys.stream, self.keys.manifest, self.keys.stats, self.keys.dead,
-                                   self.keys.failures], args=args)
+                                   self.keys.failures, self.keys.condemned], args=args)
         kind = _text(reply[0])
         if kind == "gone":
             return SettleResult(Outcome.GONE, tuple(_text(x) for x in reply[2:]))
@@ -197,7 +219,9 @@ def commit_steps(
             settlement.part = stage(name, table)
             yield Step.STAGED
         result = settle(settlement)
-        if result.outcome is Outcome.GONE:
+        if result.outcome in (Outcome.GONE, Outcome.CONDEMNED):
+            # GONE: redo the part without the entries another worker settled. CONDEMNED: recovery
+            # took this worker for dead and deleted the staged file; redo it under a new name.
             if settlement.part is not None:
                 discard(name)
             excluded = excluded | frozenset(result.gone)
@@ -234,7 +258,8 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
 
     The directory is listed BEFORE the manifest is read: a part visible at listing time was renamed
     after its commit, so the later manifest read includes it. Staged orphans of live workers are
-    kept (they may be about to commit) unless the job is `finished`.
+    kept (they may be about to commit) unless the job is `finished`; any other is condemned in
+    Redis before its file is deleted, so its writer, if alive after all, cannot commit it.
     """
     visible, staged = output.part_names(), output.staged_names()
     parts = manifest_entries(client, keys)
@@ -251,12 +276,21 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
         with contextlib.suppress(FileNotFoundError):
             output.final(name).unlink()
         report.orphans_removed.append(name)
-    for name in sorted(staged - parts.keys()):
-        if finished or part_writer(name) not in live_workers:
+    doomed = [name for name in sorted(staged - parts.keys()) if finished or part_writer(name) not in live_workers]
+    report.staged_kept = sorted(staged - parts.keys() - set(doomed))
+    # A writer whose lease lapsed may be alive (idle, slow, cut off from Redis) and about to commit
+    # its staged part: condemn the name in Redis first, so that commit is refused, then delete it.
+    verdicts = client.register_script(_CONDEMN)(keys=[keys.manifest, keys.condemned], args=doomed) if doomed else []
+    for name, verdict in zip(doomed, verdicts, strict=True):
+        if _text(verdict) == "committed":  # committed after the manifest was read: roll it forward
+            raw = client.hget(keys.manifest, name)
+            assert raw is not None
+            parts[name] = msgspec.json.decode(raw, type=PartEntry)
+            output.publish(name)
+            report.rolled_forward.append(name)
+        else:
             output.discard(name)
             report.staged_removed.append(name)
-        else:
-            report.staged_kept.append(name)
     if report.orphans_removed or report.staged_removed:
         output.sync_dir()
     return report

@@ -87,7 +87,9 @@ class Lease:
     def beat(self) -> None:
         """Renew the lease once (if the worker is progressing)."""
         lease_ms = int(self.lease_seconds * 1000)
-        stuck = time.monotonic() - self._last_progress > self.lease_seconds
+        # Only a worker that holds batches can be stuck; an idle one keeps its lease (and its staged
+        # parts stay safe from recovery, which condemns the parts of workers whose lease lapsed).
+        stuck = len(self.in_flight) > 0 and time.monotonic() - self._last_progress > self.lease_seconds
         if stuck:
             log.warning("no progress for %.0f s: letting the lease on %d entries lapse",
                         time.monotonic() - self._last_progress, len(self.in_flight))

@@ -164,10 +164,11 @@ class Worker:
 
     def run(self, *, install_signals: bool = True) -> WorkerReport:
         """Work until the job is complete (or a signal, or a fatal error); returns the report."""
-        ensure_group(self.client, self.keys)
+        self._redis(lambda: ensure_group(self.client, self.keys), "create the consumer group")
         self.output.claim(self.keys.job)
-        recovered = reconcile(self.client, self.keys, self.output,
-                              live_workers=set(live_workers(self.client, self.keys)))
+        recovered = self._redis(lambda: reconcile(self.client, self.keys, self.output,
+                                                  live_workers=set(live_workers(self.client, self.keys))),
+                                "recover parts left by earlier workers")
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
         self._canary = Tokenizer(self.model.tokenizer_file, self.model.max_seq_len).encode(["embedq canary"])
@@ -200,11 +201,15 @@ class Worker:
     def finalize(self) -> None:
         """Roll committed parts forward, remove orphans, write `_manifest.json` and, if any, the dead
         letters as `_dead_letters.jsonl` (the output directory then describes itself without Redis)."""
-        finished = reconcile(self.client, self.keys, self.output, live_workers=set(), finished=True)
-        dead = deadletter.list_dead(self.client, self.keys)
+        finished = self._redis(lambda: reconcile(self.client, self.keys, self.output, live_workers=set(),
+                                                 finished=True), "finalize the output")
+        if finished.missing:
+            log.error("committed parts are missing from %s: %s; `embedq verify` reports them",
+                      self.output.path, ", ".join(finished.missing[:10]))
+        dead = self._redis(lambda: deadletter.list_dead(self.client, self.keys), "list dead letters")
         if dead:
             self.output.write_lines(DEAD_LETTERS_FILE, [deadletter.summary(entry) for entry in dead])
-        write_manifest_file(self.output, self.keys.job, finished.parts, complete=True,
+        write_manifest_file(self.output, self.keys.job, finished.parts, complete=not finished.missing,
                             extra={**self.record.model_fields(), "dead_letters": sum(
                                 len(e.letter.doc_ids) for e in dead)})
 

@@ -84,8 +84,6 @@ def test_every_document_comes_out_exactly_once_while_workers_producer_and_redis_
             report(request.node.callspec.id, figures)
 
 
-@pytest.mark.xfail(strict=True, reason="recovery deletes staged parts of workers it takes for dead without fencing "
-                   "them off in Redis (worker/commit.py reconcile); remove this mark with the fix")
 def test_a_worker_starting_never_deletes_a_part_that_a_worker_whose_lease_lapsed_is_about_to_commit(
         redis_client: redis.Redis, job_name: str, tiny_model: Path, gloss_texts: list[str], tmp_path: Path) -> None:
     """The race the chaos run found. A worker's lease lapses while it lives (a heartbeat later than the

@@ -28,7 +28,8 @@ from tests.conftest import REDIS_URL
 ENTRIES = 4
 DOCS_PER_ENTRY = 3
 DIM = 4
-CRASH_POINTS = ["before write", "mid write", "after fsync", "after settle", "no crash"]
+CRASH_POINTS = ["before write", "mid write", "after fsync", "after settle", "no crash",
+                "stalls after fsync"]  # alive, but its lease lapses: resumes after another worker's recovery
 
 attempt = st.tuples(st.sampled_from(["A", "B", "C"]),
                     st.sets(st.integers(0, ENTRIES - 1), min_size=1, max_size=ENTRIES),
@@ -57,6 +58,7 @@ class Harness:
         self.client.hset(self.keys.producer, "done", 1)
         self.client.xreadgroup(GROUP, "first-reader", {self.keys.stream: ">"}, count=ENTRIES)
         self.counter = itertools.count(1)
+        self.stalled: list = []  # commit generators of workers paused after staging their part
 
     def run(self, worker: str, entries: list[str], crash: str) -> None:
         """A worker takes `entries` over (as XAUTOCLAIM would) and commits them, crashing at `crash`."""
@@ -67,7 +69,8 @@ class Harness:
             name = part_name(next(self.counter), worker)
             self.output.staging(name).write_bytes(b"PAR1 half a part")
             return
-        stop_after = {"after fsync": Step.STAGED, "after settle": Step.SETTLED, "no crash": None}[crash]
+        stop_after = {"after fsync": Step.STAGED, "stalls after fsync": Step.STAGED, "after settle": Step.SETTLED,
+                      "no crash": None}[crash]
         committer = Committer(self.client, self.keys, worker)
 
         def rows_for(excluded: frozenset[str]):  # type: ignore[no-untyped-def]
@@ -81,10 +84,18 @@ class Harness:
                              self.output.discard, lambda: part_name(next(self.counter), worker))
         for step in steps:
             if step is stop_after:
-                return  # the process dies here: nothing after this step happens
+                if crash == "stalls after fsync":
+                    self.stalled.append(steps)
+                return  # the process dies (or stalls) here: nothing after this step happens now
 
     def recover(self) -> None:
-        """What happens after the crashes: a live worker reclaims what is pending, then the job finishes."""
+        """What happens after the crashes: a new worker starts (its recovery takes every worker whose
+        lease lapsed for dead), the stalled workers wake up and finish their commits, a live worker
+        reclaims what is pending, then the job finishes."""
+        reconcile(self.client, self.keys, self.output, live_workers=set())
+        for steps in self.stalled:
+            for _ in steps:
+                pass
         pending = self.client.xpending_range(self.keys.stream, GROUP, "-", "+", 100)
         left = [p["message_id"].decode() for p in pending]
         if left:
