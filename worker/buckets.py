@@ -144,4 +144,7 @@ def fit_seq_lens(lengths: np.ndarray, max_seq_len: int, *, target_waste: float =
                     cost[k][j], choice[k][j] = options[i], i
         if cost[k][last] <= (1.0 + target_waste) * real:
             return boundaries(k, last)
-    return boundaries(max_profiles, last)
+    # Out of reach: the fewest lengths that give the least padding possible with max_profiles.
+    least = min(cost[k][last] for k in range(1, max_profiles + 1))
+    k = next(k for k in range(1, max_profiles + 1) if cost[k][last] == least)
+    return boundaries(k, last)

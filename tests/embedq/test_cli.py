@@ -129,3 +129,28 @@ def test_every_command_has_help() -> None:
                     ["gc", "--help"], ["delete", "--help"]):
         result = embedq(*command, timeout=60)
         assert result.returncode == 0 and "Usage" in result.stdout, (command, result.stderr)
+
+
+def test_profile_proposes_bucket_lengths_under_ten_percent_padding(corpus_dir: Path) -> None:
+    result = embedq("profile", str(corpus_dir / "passages.parquet"), "--sample", "3000", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["documents"] == 3000 and report["padding"] <= 1.10
+    assert report["padding"] <= report["default_padding"]
+    assert report["seq_lens"][-1] == report["max_seq_len"] == 256
+
+
+def test_bench_runs_end_to_end_on_cpu_and_writes_json_and_a_plot(tmp_path: Path, corpus_dir: Path,
+                                                                 redis_url: str) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = embedq("bench", "--device", "cpu", "--precision", "fp32", "--model", "tiny", "--corpus",
+                    f"glosses={corpus_dir / 'glosses.parquet'}", "--limit", "3000", "--tokenize", "producer",
+                    "--tokenize", "worker", "--tokenizer-processes", "0", "--token-budget", "4096",
+                    "--window-docs", "1000", "--json", str(out_json), "--plot", str(out_png), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["documents"] for r in results] == [3000, 3000]
+    assert all(r["e2e_tokens_per_s"] > 0 and r["gpu_only_tokens_per_s"] > 0 and r["tokenizer_all_cores_tokens_per_s"]
+               for r in results[:1])
+    assert all(1.0 <= r["padding_ratio"] < 1.2 for r in results)
+    assert out_png.stat().st_size > 10_000 and "| tiny / glosses x1 / pretokenized" in result.stdout
