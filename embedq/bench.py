@@ -277,7 +277,7 @@ def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: in
 
 def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_url: str, work_dir: Path,
                  *, out_dir: Path, tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
-                 cuda_graphs: bool, spin_wait: bool = False) -> Result:
+                 cuda_graphs: bool) -> Result:
     """One scenario, end to end."""
     import redis as redis_lib
 
@@ -302,8 +302,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     profiles = profile_table(model.max_seq_len, token_budget, seq_lens)
     engine = create_engine("torch", EngineConfig(model=model, profiles=profiles, device=scenario.device,
                                                  precision=scenario.precision),
-                           **({"cuda_graphs": True} if cuda_graphs and scenario.device.startswith("cuda") else {}),
-                           **({"spin_wait": True} if spin_wait else {}))
+                           **({"cuda_graphs": True} if cuda_graphs and scenario.device.startswith("cuda") else {}))
     if baselines:
         tok = measure_tokenizers(model, one_copy, tokenizer_processes)
         result.tokenizer_all_cores_tokens_per_s = tok.get("all_cores_tokens_per_s")
@@ -515,7 +514,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
               limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
               tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
               check_precision: bool, cuda_graphs: bool, model_path: str | None,
-              out_dir: Path | None = None, spin_wait: bool = False) -> list[Result]:
+              out_dir: Path | None = None) -> list[Result]:
     """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
     base = load_model_info(model_path)
     results: list[Result] = []
@@ -535,7 +534,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
                                           tokenizer_processes=tokenizer_processes,
                                           baselines=baselines and mode == tokenize[0],
                                           token_budget=token_budget, window_docs=window_docs,
-                                          cuda_graphs=cuda_graphs, spin_wait=spin_wait)
+                                          cuda_graphs=cuda_graphs)
                     results.append(result)
                     log.info("bench: %s", json.dumps(result.summary()))
                     _save(json_path, results, None)  # a run cut short still leaves what it measured

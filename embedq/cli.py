@@ -580,8 +580,6 @@ def bench(
         "--tokenizer-processes", help="Tokenizer pool size. Default: all cores but two.", show_default=False)] = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
                                               help="Capture a CUDA graph per profile.")] = True,
-    spin_wait: Annotated[bool, typer.Option(
-        "--spin-wait", help="Wait for GPU results spinning, not sleeping.")] = False,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",
                                             help="Also time sentence-transformers and the tokenizer alone.")] = True,
     check_precision: Annotated[bool, typer.Option(
@@ -626,7 +624,7 @@ def bench(
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,
               check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
-              out_dir=Path(out_dir) if out_dir else None, spin_wait=spin_wait)
+              out_dir=Path(out_dir) if out_dir else None)
 
 
 # -- status, verify, dead letters, gc, delete ------------------------------------------------------
