@@ -36,6 +36,7 @@ EMBEDQ_ACL = [
     "resetchannels", "-@all", "+ping", "+info",
     "+get", "+set", "+del", "+mget", "+scan",  # leases, the producer lock, `delete`
     "+hget", "+hset", "+hsetnx", "+hmget", "+hgetall", "+hincrby", "+hdel", "+hkeys", "+hexists",  # records
+    "+sadd", "+sismember",  # parts that recovery condemned
     "+xadd", "+xlen", "+xrange", "+xdel", "+xack", "+xreadgroup", "+xautoclaim", "+xclaim", "+xpending",
     "+xgroup|create",  # the streams
     "+evalsha", "+script|load",  # the publish, settle, split and replay scripts
