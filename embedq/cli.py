@@ -164,19 +164,19 @@ def _settings(**flags: Any) -> Settings:
     return load_settings({mapping.get(k, k): v for k, v in flags.items()})
 
 
-def _connect(settings: Settings):  # type: ignore[no-untyped-def]
+def _connect(settings: Settings):
     from embedq.connection import connect
 
     return connect(settings.redis())
 
 
-def _keys(job: str, settings: Settings):  # type: ignore[no-untyped-def]
+def _keys(job: str, settings: Settings):
     from embedq.keys import JobKeys
 
     return JobKeys(job, settings.key_prefix)
 
 
-def _source_spec(source: str, fmt: str, id_field: str | None, text_field: str, text_unit: str):  # type: ignore[no-untyped-def]
+def _source_spec(source: str, fmt: str, id_field: str | None, text_field: str, text_unit: str):
     from embedq.producer.sources import SourceSpec
 
     if text_unit not in ("line", "file"):
@@ -184,7 +184,7 @@ def _source_spec(source: str, fmt: str, id_field: str | None, text_field: str, t
     return SourceSpec(path=source, format=fmt, id_field=id_field, text_field=text_field, text_unit=text_unit)
 
 
-def _model(settings: Settings, path: str | None = None):  # type: ignore[no-untyped-def]
+def _model(settings: Settings, path: str | None = None):
     from embedq.model import load_model_info
 
     return load_model_info(path if path is not None else settings.model, pooling=settings.pooling,
@@ -194,7 +194,7 @@ def _model(settings: Settings, path: str | None = None):  # type: ignore[no-unty
 # -- produce --------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _producer(client, keys, source, model, settings: Settings, stopping=lambda: False):  # type: ignore[no-untyped-def]
+def _producer(client, keys, source, model, settings: Settings, stopping=lambda: False):
     """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.protocol import Limits
@@ -256,7 +256,7 @@ def produce(
 
 # -- work -----------------------------------------------------------------------------------------
 
-def _wait_for_job(client, keys, wait: bool):  # type: ignore[no-untyped-def]
+def _wait_for_job(client, keys, wait: bool):
     from embedq import job as job_record
 
     record = job_record.load(client, keys)
@@ -272,13 +272,13 @@ def _wait_for_job(client, keys, wait: bool):  # type: ignore[no-untyped-def]
     return record
 
 
-def check_model(record, info) -> None:  # type: ignore[no-untyped-def]
+def check_model(record, info) -> None:
     from embedq.job import check_model as check
 
     check(record, info)
 
 
-def _worker_model(settings: Settings, record):  # type: ignore[no-untyped-def]
+def _worker_model(settings: Settings, record):
     """The model a worker loads: --model, else the job's model path if it exists here, else the default."""
     if settings.model is not None:
         return _model(settings)
@@ -295,7 +295,7 @@ def _worker_model(settings: Settings, record):  # type: ignore[no-untyped-def]
     return info
 
 
-def _engine(settings: Settings, info):  # type: ignore[no-untyped-def]
+def _engine(settings: Settings, info):
     from embedq.config import parse_seq_lens
     from embedq.engines import create_engine, resolve_backend
     from embedq.engines.base import EngineConfig
@@ -318,7 +318,7 @@ def _engine(settings: Settings, info):  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def _tokenizer(settings: Settings, info, device: str) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+def _tokenizer(settings: Settings, info, device: str) -> Iterator[Any]:
     """The worker's tokenizer: a pool of processes on GPU nodes, in-process on CPU nodes."""
     from embedq.tokenization import TokenizerPool, default_tokenizer_processes
 
@@ -329,7 +329,7 @@ def _tokenizer(settings: Settings, info, device: str) -> Iterator[Any]:  # type:
         yield pool.encode
 
 
-def _worker_options(settings: Settings, **extra: Any):  # type: ignore[no-untyped-def]
+def _worker_options(settings: Settings, **extra: Any):
     from embedq.worker.worker import WorkerOptions
 
     return WorkerOptions(
@@ -460,7 +460,7 @@ def run(
         raise typer.Exit(130 if report.stopped_by_signal else 1)
 
 
-def _run_guarded(call, failure: list[BaseException], stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+def _run_guarded(call, failure: list[BaseException], stop: threading.Event) -> None:
     try:
         call()
     except BaseException as exc:
@@ -469,7 +469,7 @@ def _run_guarded(call, failure: list[BaseException], stop: threading.Event) -> N
 
 
 @contextlib.contextmanager
-def _poll(read, show, every: float = 0.5) -> Iterator[None]:  # type: ignore[no-untyped-def]
+def _poll(read, show, every: float = 0.5) -> Iterator[None]:
     """Call show(read()) every `every` seconds in a thread while the block runs."""
     done = threading.Event()
 
@@ -830,9 +830,10 @@ def main() -> None:
         sys.exit(RedisUnavailable.exit_code)
     except Exception as exc:
         # Usage errors of click (typer carries its own copy of click, so match by shape, not class).
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+        exit_code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "show") and isinstance(exit_code, int):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(exit_code)
         raise
     # standalone_mode=False makes click return the code of a typer.Exit instead of raising it.
     sys.exit(code if isinstance(code, int) else 0)

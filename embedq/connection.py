@@ -66,7 +66,7 @@ def connect(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
         kwargs["ssl_check_hostname"] = settings.tls_verify_hostname
         kwargs["ssl_cert_reqs"] = "required"
     try:
-        client = redis.Redis.from_url(settings.url, **kwargs)  # type: ignore[arg-type]
+        client = redis.Redis.from_url(settings.url, **kwargs)
     except ValueError as exc:
         raise UsageError(f"Redis URL {redact(settings.url)!r} is not valid: {exc}") from exc
     if check:

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import deque
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("embedq")
 
@@ -59,8 +60,8 @@ class ProgressReport:
         self._tokens = Rate()
         self._last_log = 0.0
         self._started = time.monotonic()
-        self._bar = None
-        self._task = None
+        self._bar: Any = None
+        self._task: Any = None
         self._done = 0
 
     def __enter__(self) -> ProgressReport:
@@ -82,7 +83,7 @@ class ProgressReport:
         docs_s, tokens_s = self._docs.per_second(), self._tokens.per_second()
         rate = f"{_si(docs_s)} docs/s {_si(tokens_s)} tok/s" + (f" {note}" if note else "")
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, rate=rate)  # type: ignore[arg-type]
+            self._bar.update(self._task, completed=done, rate=rate)
         elif now - self._last_log >= self.log_every or (done >= self.total and self._last_log >= 0):
             eta = (self.total - done) / docs_s if docs_s > 0 else float("inf")
             log.info("%s: %d/%d documents (%.1f%%), %s, ETA %s", self.label, done, self.total,

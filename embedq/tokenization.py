@@ -152,10 +152,10 @@ class TokenizerPool:
         self.close()
 
 
-class _Joined(concurrent.futures.Future):  # type: ignore[type-arg]
+class _Joined(concurrent.futures.Future):
     """The chunks of one submit, joined in order when its result is asked for."""
 
-    def __init__(self, parts: list[concurrent.futures.Future]) -> None:  # type: ignore[type-arg]
+    def __init__(self, parts: list[concurrent.futures.Future]) -> None:
         super().__init__()
         self._parts = parts
 

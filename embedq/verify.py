@@ -151,7 +151,7 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     return result
 
 
-def _check_parts(output, parts, record: job_record.JobRecord, result: Verification) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _check_parts(output, parts, record: job_record.JobRecord, result: Verification) -> np.ndarray:
     hashes = []
     for name, entry in sorted(parts.items()):
         path = output.final(name)
@@ -194,7 +194,7 @@ def _compare(source: np.ndarray, output: np.ndarray, dead: np.ndarray, result: V
     result.dead_and_output = int(np.intersect1d(out_unique, np.unique(dead), assume_unique=True).shape[0])
 
 
-def _examples(src, source: np.ndarray, output: np.ndarray, dead: np.ndarray,  # type: ignore[no-untyped-def]
+def _examples(src, source: np.ndarray, output: np.ndarray, dead: np.ndarray,
               result: Verification) -> None:
     out_unique, out_counts = np.unique(output, return_counts=True)
     wanted = {

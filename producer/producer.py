@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -146,8 +147,8 @@ class Producer:
                 self._redis(lambda: self.publisher.wait_for_room(self.stopping), "wait for room in the stream")
                 report.waited_seconds += time.monotonic() - waited
                 result = self._redis(
-                    lambda b=batch, p=payload, d=letters: self.publisher.publish(
-                        b.seq, b.next_pos, p, b.documents, d, len(b.rejected)),
+                    functools.partial(self.publisher.publish, batch.seq, batch.next_pos, payload, batch.documents,
+                                      letters, len(batch.rejected)),
                     "publish a batch")
                 self._redis(self.publisher.renew, "renew the producer lock")
                 if not result.accepted:
@@ -205,7 +206,7 @@ class Producer:
                 replayable=replayable))
         return letters
 
-    def _redis(self, call: Callable[[], object], what: str):  # type: ignore[no-untyped-def]
+    def _redis(self, call: Callable[[], object], what: str):
         return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what, log=log.warning,
                            stopping=self.stopping)
 

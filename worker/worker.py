@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -233,7 +234,7 @@ class Worker:
             block = 200
             while len(deliveries) < per_read and not self._stop_reading.is_set():
                 want = per_read - len(deliveries)
-                got = self._redis(lambda b=block, w=want: self.consumer.read_new(w, b), "read batches")
+                got = self._redis(functools.partial(self.consumer.read_new, want, block), "read batches")
                 if not got:
                     break
                 deliveries += got
@@ -352,14 +353,14 @@ class Worker:
             rows = np.flatnonzero(window.doc_msg == k)
             if not rows.size:
                 continue
-            whole = self._attempt(lambda r=rows: embed_documents(self.engine, window.tokens, pad, indices=r),
+            whole = self._attempt(functools.partial(embed_documents, self.engine, window.tokens, pad, indices=rows),
                                   entry=entry)
             if isinstance(whole, np.ndarray):
                 out[rows] = whole
                 continue
             for row in rows:
                 result = self._attempt(
-                    lambda r=row: embed_documents(self.engine, window.tokens, pad, indices=np.array([r])))
+                    functools.partial(embed_documents, self.engine, window.tokens, pad, indices=np.array([row])))
                 if isinstance(result, np.ndarray):
                     out[row] = result[0]
                 else:
