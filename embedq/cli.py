@@ -170,6 +170,13 @@ def _connect(settings: Settings):
     return connect(settings.redis())
 
 
+def _redis_client(redis: str | None, key_prefix: str | None, tls_ca: str | None, tls_cert: str | None,
+                  tls_key: str | None) -> tuple[Settings, Any]:
+    """Settings and a checked client for the commands that only talk to Redis."""
+    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    return settings, _connect(settings)
+
+
 def _keys(job: str, settings: Settings):
     from embedq.keys import JobKeys
 
@@ -641,8 +648,7 @@ def status(
     """Show a job's counts: produced, in the stream, committed, dead-lettered, workers, throughput."""
     from embedq.status import read_status, render, to_json
 
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     keys = _keys(job, settings)
     while True:
         current = read_status(client, keys)
@@ -672,8 +678,7 @@ def verify(
     """
     from embedq.verify import verify_job
 
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     result = verify_job(client, _keys(job, settings), out, source=source, allow_dead=allow_dead)
     typer.echo(result.render())
     result.raise_for_failure()
@@ -690,8 +695,7 @@ def dead_list(
     """List dead letters: which documents, why, which worker, how many deliveries."""
     from embedq.deadletter import list_dead, summary
 
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     entries = list_dead(client, _keys(job, settings), count=limit)
     for entry in entries:
         letter = entry.letter
@@ -718,8 +722,7 @@ def dead_replay(
     from embedq import job as job_record
     from embedq.deadletter import list_dead, replay
 
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     keys = _keys(job, settings)
     entries = list_dead(client, keys, ids=ids)
     if ids and len(entries) != len(ids):
@@ -747,8 +750,7 @@ def gc(
     from embedq.worker.output import open_output
     from embedq.worker.worker import job_complete
 
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     keys = _keys(job, settings)
     output = open_output(out, create=False)
     result = reconcile(client, keys, output, live_workers=set(live_workers(client, keys)),
@@ -770,8 +772,7 @@ def delete(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Delete a job's keys from Redis (the output directory is left alone)."""
-    settings = _settings(redis=redis, key_prefix=key_prefix, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
-    client = _connect(settings)
+    settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     keys = _keys(job, settings)
     found = [k for pattern in keys.all_patterns() for k in client.scan_iter(match=pattern, count=1000)]
     if not found:
