@@ -127,7 +127,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="CPU threads for inference on CPU. Default: all cores.", rich_help_panel=_WORKER,
     show_default=False)]
 TokenBudgetOpt = Annotated[int | None, typer.Option(
-    "--token-budget", help="Padded tokens per engine batch. Default: 8192 on CPU, 65536 on GPU.",
+    "--token-budget", help="Padded tokens per engine batch. Default: 4096 on CPU, 65536 on GPU.",
     rich_help_panel=_WORKER, show_default=False)]
 SeqLensOpt = Annotated[str | None, typer.Option(
     "--seq-lens", help="Bucket sequence lengths, comma-separated (`embedq profile SOURCE` proposes them). "

@@ -52,11 +52,7 @@ class TokenizedDocs:
 class Tokenizer:
     """A fast tokenizer from a `tokenizer.json`, truncating to `max_seq_len` with special tokens."""
 
-    def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, *,
-                 threads: int | None = None) -> None:
-        if threads is not None:
-            # tokenizers reads RAYON_NUM_THREADS once, when its thread pool first starts.
-            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+    def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         path = Path(tokenizer_file)

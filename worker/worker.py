@@ -251,8 +251,7 @@ class Worker:
             self.in_flight.add([d.entry_id for d in deliveries])
             window = self._prepare(deliveries)
             self.lease.progressed()
-            if window is not None:
-                self._put(self._ready, window)
+            self._put(self._ready, window)
         self._put(self._ready, _END)
 
     def _finished_or_idle(self, idle_since: float) -> bool:
@@ -265,8 +264,9 @@ class Worker:
         idle_limit = self.options.idle_exit_seconds
         return idle_limit is not None and time.monotonic() - idle_since > idle_limit
 
-    def _prepare(self, deliveries: list[Delivery]) -> Window | None:
-        """Decode, split poison batches, tokenize. Returns None if nothing is left to embed."""
+    def _prepare(self, deliveries: list[Delivery]) -> Window:
+        """Decode, split poison batches, tokenize (a window may end up with nothing to embed, but
+        still with entries to settle)."""
         window = assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
         keep = []
         for k, entry in enumerate(window.entries):
