@@ -22,7 +22,6 @@ manifest does not list can only come from a Redis that lost acknowledged writes 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -273,8 +272,7 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
         elif not output.final(name).exists():
             report.missing.append(name)
     for name in sorted(visible - parts.keys()):
-        with contextlib.suppress(FileNotFoundError):
-            output.final(name).unlink()
+        output.remove_orphan(name)
         report.orphans_removed.append(name)
     doomed = [name for name in sorted(staged - parts.keys()) if finished or part_writer(name) not in live_workers]
     report.staged_kept = sorted(staged - parts.keys() - set(doomed))

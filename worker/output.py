@@ -79,19 +79,46 @@ class OutputDir:
         """Make a committed part visible: rename its staging file and make the rename durable."""
         staging, final = self.staging(name), self.final(name)
         try:
-            os.replace(staging, final)
-        except FileNotFoundError:
-            if final.exists():  # renamed already (a retried publish, or recovery got there first)
-                return
-            raise
-        self.sync_dir()
+            try:
+                os.replace(staging, final)
+            except FileNotFoundError:
+                if not final.exists():
+                    raise
+                # renamed already (a retried publish, or recovery got there first)
+            self._fsync_dir()
+        except OSError as exc:
+            raise OutputError(
+                describe_os_error(exc, self.path) + f" Part {name} is committed: the next worker on this "
+                "directory, or `embedq gc`, makes it visible.") from exc
 
     def discard(self, name: str) -> None:
         """Remove a part that will never be committed (its batches were committed elsewhere)."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.staging(name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, self.path) + f" Staged part {name} is not committed; "
+                              "`embedq gc` removes it.") from exc
+
+    def remove_orphan(self, name: str) -> None:
+        """Remove a visible part that no commit lists (a crash between rename and commit in an old version)."""
+        try:
+            self.final(name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, self.path) + f" Part {name} is not committed; "
+                              "every reader ignores it.") from exc
 
     def sync_dir(self) -> None:
+        """Make renames and removals in the directory durable."""
+        try:
+            self._fsync_dir()
+        except OSError as exc:
+            raise OutputError(describe_os_error(exc, self.path)) from exc
+
+    def _fsync_dir(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -120,7 +147,7 @@ class OutputDir:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)
-            self.sync_dir()
+            self._fsync_dir()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 temp.unlink()

@@ -17,6 +17,7 @@ from embedq.errors import OutputError
 from embedq.keys import GROUP, JobKeys
 from embedq.model import load_model_info
 from embedq.verify import verify_job
+from embedq.worker.commit import manifest_entries
 from embedq.worker.output import open_output
 from tests.support import committed, embedq_process, produce, run_worker, wait_until, write_jsonl
 
@@ -156,6 +157,40 @@ def test_a_write_error_stops_the_worker_and_acknowledges_nothing_unwritten(
     assert_exactly_once(redis_client, keys, out)
 
 
+def test_a_rename_that_fails_after_the_commit_stops_the_worker_and_the_next_one_rolls_it_forward(
+        redis_client, keys, tiny, source, tmp_path: Path, monkeypatch) -> None:
+    from embedq.engines import create_engine
+    from embedq.engines.base import EngineConfig
+    from embedq.worker import output as output_module
+    from embedq.worker.buckets import profile_table
+
+    record = produce(redis_client, keys, tiny, source, batch_size=50)[0]
+    original = output_module.os.replace
+    calls = {"n": 0}
+
+    def failing_replace(src, dst):  # type: ignore[no-untyped-def]
+        if str(src).endswith(".parquet.tmp"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the filesystem turns read-only between the commit and the rename
+                raise OSError(errno.EROFS, "Read-only file system")
+        return original(src, dst)
+
+    monkeypatch.setattr(output_module.os, "replace", failing_replace)
+    engine = create_engine("torch", EngineConfig(model=tiny, profiles=profile_table(tiny.max_seq_len, 4096)))
+    out = tmp_path / "out"
+    with engine:
+        with pytest.raises(OutputError, match=r"not writable.*is committed"):
+            run_worker(redis_client, keys, record, tiny, engine, out)
+        manifest = manifest_entries(redis_client, keys)
+        staged = {p.name[1:-len(".parquet.tmp")] for p in out.glob(".part-*.parquet.tmp")}
+        assert staged and staged <= set(manifest), "the part whose rename failed is committed"
+        assert {p.stem for p in out.glob("*.parquet")} <= set(manifest)
+        monkeypatch.setattr(output_module.os, "replace", original)
+        run_worker(redis_client, keys, record, tiny, engine, out)
+    assert not list(out.glob(".*.tmp"))
+    assert_exactly_once(redis_client, keys, out)
+
+
 def pq_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -193,10 +228,14 @@ def test_an_output_directory_turned_read_only_stops_the_worker(redis_client, key
     try:
         assert worker.wait(timeout=120) == 6, log.read_text()[-3000:]
         assert "not writable" in log.read_text()
-        visible = sum(pq_rows(p) for p in out.glob("*.parquet"))
-        assert committed(redis_client, keys) == visible
+        # Every visible part is committed. A part committed just before the remount may still be
+        # staged (its rename failed): the next worker rolls it forward.
+        manifest = set(manifest_entries(redis_client, keys))
+        assert {p.stem for p in out.glob("*.parquet")} <= manifest
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    finish_with_one_more_worker(keys, out, redis_url, tiny_model, log)
+    assert_exactly_once(redis_client, keys, out)
     time.sleep(0.1)
     finish_with_one_more_worker(keys, out, redis_url, tiny_model, log)
     assert_exactly_once(redis_client, keys, out)
