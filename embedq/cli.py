@@ -41,13 +41,18 @@ app = typer.Typer(
          "Parquet, every document exactly once.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-dead_app = typer.Typer(help="Inspect and replay dead-lettered documents.", no_args_is_help=True)
+dead_app = typer.Typer(help="Inspect and replay dead-lettered documents.", no_args_is_help=True,
+                       rich_markup_mode="markdown")
 app.add_typer(dead_app, name="dead-letter")
 
 # -- shared options -------------------------------------------------------------------------------
+
+SourceArg = Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False,
+                                          metavar="SOURCE")]
 
 _REDIS = "Redis"
 _SOURCE = "Source"
@@ -223,7 +228,7 @@ def _producer(client, keys, source, model, settings: Settings, stopping=lambda: 
 
 @app.command()
 def produce(
-    source: Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False)],
+    source: SourceArg,
     job: JobOpt,
     fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
     text_unit: TextUnitOpt = "line",
@@ -392,7 +397,7 @@ def work(
 
 @app.command()
 def run(
-    source: Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False)],
+    source: SourceArg,
     out: OutOpt,
     job: Annotated[str | None, typer.Option("--job", "-j", help="Job name. Default: derived from the source, "
                                             "so running again resumes.", show_default=False)] = None,
@@ -504,7 +509,7 @@ def _default_job_name(source: str, fingerprint: str) -> str:
 
 @app.command()
 def profile(
-    source: Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False)],
+    source: SourceArg,
     fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
     text_unit: TextUnitOpt = "line", model: ModelOpt = None, max_seq_len: MaxSeqOpt = None,
     sample: Annotated[int, typer.Option("--sample", help="Documents to tokenize (the first N).")] = 100_000,

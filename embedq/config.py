@@ -16,6 +16,7 @@ import tomllib
 
 from embedq.connection import DEFAULT_URL, RedisSettings
 from embedq.errors import UsageError
+from embedq.protocol import Limits
 
 CONFIG_FILE = "embedq.toml"
 
@@ -37,8 +38,8 @@ class Settings:
     max_seq_len: int | None = None
     # Producer
     batch_size: int = 512  # documents per stream message
-    max_doc_bytes: int = 1 << 20
-    max_message_bytes: int = 32 << 20
+    max_doc_bytes: int = Limits.max_doc_bytes
+    max_message_bytes: int = Limits.max_message_bytes
     backlog: int = 512  # stream entries not yet acknowledged before the producer waits
     allow_empty: bool = False
     allow_duplicate_ids: bool = False

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import redis
 
 from embedq import deadletter
+from embedq.config import Settings
 from embedq.connection import retry_redis
 from embedq.errors import SourceError
 from embedq.job import JobRecord, create_or_check, new_record
@@ -38,14 +39,14 @@ log = logging.getLogger("embedq.producer")
 
 @dataclass(frozen=True)
 class ProducerOptions:
-    """How the producer batches and publishes; see `embedq produce --help`."""
+    """How the producer batches and publishes; see `embedq produce --help` (the defaults are the CLI's)."""
 
-    batch_size: int = 512
+    batch_size: int = Settings.batch_size
     limits: Limits = field(default_factory=Limits)
-    backlog: int = 512
-    allow_empty: bool = False
-    allow_duplicate_ids: bool = False
-    redis_retry_seconds: float = 600.0
+    backlog: int = Settings.backlog
+    allow_empty: bool = Settings.allow_empty
+    allow_duplicate_ids: bool = Settings.allow_duplicate_ids
+    redis_retry_seconds: float = Settings.redis_retry_seconds
 
 
 @dataclass

@@ -34,6 +34,7 @@ import pyarrow as pa
 import redis
 
 from embedq import deadletter
+from embedq.config import Settings
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
 from embedq.errors import EmbedqError, EngineError, OutputError
@@ -66,18 +67,19 @@ _END = None  # queue sentinel: no more windows
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How a worker reads, retries and stops; see `embedq work --help`."""
+    """How a worker reads, retries and stops; see `embedq work --help`. The defaults are the CLI's
+    (`Settings`), so a worker built in Python behaves like one started from the command line."""
 
-    lease_seconds: float = 30.0
-    max_failures: int = 3
-    max_deliveries: int = 5
-    window_docs: int = 16384
-    prefetch: int = 2
-    shutdown_timeout: float = 60.0
-    disk_retry_seconds: float = 300.0
-    redis_retry_seconds: float = 600.0
-    output_dtype: str = "float32"
-    commit_threads: int = 2  # parts are written in parallel: one Parquet writer manages ~150k rows/s of 384-d
+    lease_seconds: float = Settings.lease_seconds
+    max_failures: int = Settings.max_failures
+    max_deliveries: int = Settings.max_deliveries
+    window_docs: int = Settings.window_docs
+    prefetch: int = Settings.prefetch
+    shutdown_timeout: float = Settings.shutdown_timeout
+    disk_retry_seconds: float = Settings.disk_retry_seconds
+    redis_retry_seconds: float = Settings.redis_retry_seconds
+    output_dtype: str = Settings.output_dtype
+    commit_threads: int = Settings.commit_threads
     exit_when_done: bool = True
     idle_exit_seconds: float | None = None  # exit after this long with nothing to do (tests, bench)
 
