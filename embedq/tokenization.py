@@ -8,6 +8,7 @@ lists: moving ids out of the Encoding objects is half of the tokenizer's cost (T
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import multiprocessing
 import os
@@ -31,9 +32,9 @@ class TokenizedDocs:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
-    @property
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
-        """Start of each document in `tokens`, with the total appended: (n + 1,) int64."""
+        """Start of each document in `tokens`, with the total appended: (n + 1,) int64 (computed once)."""
         out = np.zeros(len(self) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=out[1:])
         return out

@@ -1,22 +1,31 @@
-"""The engine stage: run a window's documents through the engine bucket by bucket, keeping it busy.
+"""The engine stage: run windows of documents through the engine bucket by bucket, keeping it busy.
 
 Batches are submitted ahead of collection (`depth` in flight, 2 by default): while the device
-runs batch k, the host pads batch k+1 and hands it over, and only then waits for batch k. With a
-synchronous engine (CPU) this degenerates to one batch at a time, with the same results.
+runs batch k, the host pads batch k+1 and hands it over, and only then waits for batch k. The
+pipeline runs across window boundaries: the first batches of the next window are submitted
+before the last batch of the current one is collected, so the device does not idle while the
+worker hands a finished window to the commit stage and plans the next. With a synchronous engine
+(CPU) this degenerates to one batch at a time, with the same results.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from embedq.engines.base import Engine, Pending, Profile
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.buckets import Bucket, pad_batch, plan_buckets
+
+T = TypeVar("T")
+
+END = object()
+"""What a `take` callback returns when no more work will come."""
 
 
 @dataclass
@@ -27,46 +36,166 @@ class EngineStats:
     documents: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time with at least one window in the engine
 
     @property
     def padding_ratio(self) -> float:
         return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
 
 
+@dataclass(frozen=True)
+class Work(Generic[T]):
+    """Documents to embed (`indices` of `docs`, all when None), and the caller's tag for them."""
+
+    tag: T
+    docs: TokenizedDocs
+    indices: np.ndarray | None = None
+
+
+@dataclass
+class _Job(Generic[T]):
+    """One `Work` inside the pipeline: its buckets, how far they went, and its output."""
+
+    tag: T
+    docs: TokenizedDocs
+    rows: np.ndarray
+    buckets: list[Bucket]
+    out: np.ndarray
+    submitted: int = 0
+    in_flight: int = 0
+    error: Exception | None = None
+
+    @property
+    def to_submit(self) -> bool:
+        return self.error is None and self.submitted < len(self.buckets)
+
+    @property
+    def finished(self) -> bool:
+        return not self.to_submit and self.in_flight == 0
+
+
+@dataclass
+class _Stream:
+    engine: Engine
+    pad_id: int
+    profiles: Sequence[Profile]
+    stats: EngineStats | None
+    jobs: collections.deque[_Job] = field(default_factory=collections.deque)  # started, not yet handed back
+    in_flight: collections.deque[tuple[_Job, Bucket, Pending]] = field(default_factory=collections.deque)
+    busy_since: float | None = None
+
+    def start(self, work: Work) -> None:
+        rows = (np.arange(len(work.docs), dtype=np.int64) if work.indices is None
+                else np.asarray(work.indices, np.int64))
+        lengths = work.docs.lengths[rows]
+        buckets = plan_buckets(lengths, self.profiles) if rows.size else []
+        self.jobs.append(_Job(work.tag, work.docs, rows, buckets,
+                              np.empty((rows.shape[0], self.engine.dim), dtype=np.float32)))
+        if self.busy_since is None:
+            self.busy_since = time.perf_counter()
+        if self.stats is not None:
+            self.stats.documents += rows.shape[0]
+            self.stats.real_tokens += int(lengths.sum())
+
+    def next_to_submit(self) -> _Job | None:
+        # Jobs are submitted in order, so only the newest can have batches left.
+        return self.jobs[-1] if self.jobs and self.jobs[-1].to_submit else None
+
+    def submit(self, job: _Job) -> None:
+        bucket = job.buckets[job.submitted]
+        job.submitted += 1
+        docs = job.docs
+        try:
+            ids, lengths = pad_batch(docs.tokens, docs.offsets, docs.lengths, job.rows[bucket.rows],
+                                     bucket.profile.max_seq_len, self.pad_id)
+            pending = self.engine.submit(ids, lengths)
+        except Exception as exc:  # the caller isolates the documents at fault
+            job.error = exc
+            return
+        job.in_flight += 1
+        self.in_flight.append((job, bucket, pending))
+        if self.stats is not None:
+            self.stats.batches += 1
+            self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
+
+    def collect(self) -> None:
+        job, bucket, pending = self.in_flight.popleft()
+        job.in_flight -= 1
+        try:
+            result = pending.result()
+        except Exception as exc:
+            job.error = job.error or exc
+            return
+        if job.error is None:
+            job.out[_as_slice(bucket.rows)] = result
+
+    def finished(self) -> Iterator[_Job]:
+        """Hand back finished jobs in order. Before a failed one, collect everything in flight, so
+        the caller may use the engine on its own to find the documents at fault."""
+        while self.jobs and self.jobs[0].finished:
+            if self.jobs[0].error is not None:
+                while self.in_flight:
+                    self.collect()
+            job = self.jobs.popleft()
+            if not self.jobs and self.busy_since is not None and self.stats is not None:
+                self.stats.seconds += time.perf_counter() - self.busy_since
+            if not self.jobs:
+                self.busy_since = None
+            yield job
+
+
+def embed_stream(engine: Engine, take: Callable[[bool], Work[T] | object | None], pad_id: int, *,
+                 profiles: Sequence[Profile] | None = None, depth: int = 2,
+                 stats: EngineStats | None = None) -> Iterator[tuple[T, np.ndarray | Exception]]:
+    """Embed a stream of `Work`, `depth` batches in flight across work boundaries.
+
+    `take(wait)` gives the next `Work`, or None when none is ready (it may block a little when
+    `wait` is true: the pipeline is then empty), or `END`. Yields `(tag, embeddings)` in the order
+    taken, embeddings `(n, dim)` float32 in the order of the work's documents, or `(tag, error)` when
+    a batch of that work failed (nothing is then in flight).
+    """
+    stream = _Stream(engine, pad_id, profiles or engine.profiles, stats)
+    ended = False
+    while True:
+        while not ended and stream.next_to_submit() is None:  # (work with no documents has no batches)
+            work = take(not stream.jobs)
+            if work is END:
+                ended = True
+            elif isinstance(work, Work):
+                stream.start(work)
+            else:
+                break
+        job = stream.next_to_submit()
+        if job is not None:
+            stream.submit(job)
+        if stream.in_flight and (len(stream.in_flight) >= depth or stream.next_to_submit() is None):
+            stream.collect()
+        for done in stream.finished():
+            yield done.tag, done.error if done.error is not None else done.out
+        if ended and not stream.jobs:
+            return
+
+
 def embed_documents(engine: Engine, docs: TokenizedDocs, pad_id: int, *,
                     indices: np.ndarray | None = None, profiles: Sequence[Profile] | None = None,
                     depth: int = 2, stats: EngineStats | None = None) -> np.ndarray:
     """Embeddings `(len(indices), dim)` float32 of the documents `indices` (all when None)."""
-    rows = np.arange(len(docs), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-    out = np.empty((rows.shape[0], engine.dim), dtype=np.float32)
-    if rows.shape[0] == 0:
-        return out
-    lengths = docs.lengths[rows]
-    offsets = docs.offsets
-    started = time.perf_counter()
-    buckets = plan_buckets(lengths, profiles or engine.profiles)
-    in_flight: collections.deque[tuple[Bucket, Pending]] = collections.deque()
-    for bucket in buckets:
-        ids, row_lengths = pad_batch(docs.tokens, offsets, docs.lengths, rows[bucket.rows],
-                                     bucket.profile.max_seq_len, pad_id)
-        in_flight.append((bucket, engine.submit(ids, row_lengths)))
-        if len(in_flight) >= depth:
-            done, pending = in_flight.popleft()
-            out[done.rows] = pending.result()
-        if stats is not None:
-            stats.batches += 1
-            stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
-    while in_flight:
-        done, pending = in_flight.popleft()
-        out[done.rows] = pending.result()
-    if stats is not None:
-        stats.documents += rows.shape[0]
-        stats.real_tokens += int(lengths.sum())
-        stats.seconds += time.perf_counter() - started
-    return out
+    queue: list[Work[None] | object] = [END, Work(None, docs, indices)]
+    for _, result in embed_stream(engine, lambda wait: queue.pop(), pad_id, profiles=profiles, depth=depth,
+                                  stats=stats):
+        if isinstance(result, Exception):
+            raise result
+        return result
+    raise AssertionError("embed_stream returned no result")  # pragma: no cover
 
 
 def non_finite_rows(embeddings: np.ndarray) -> np.ndarray:
     """Indices of rows holding NaN or infinity (a model overflow in fp16, for instance)."""
     return np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+
+
+def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
+    """`rows` as a slice when they are consecutive (a length-sorted window): a copy, not a scatter."""
+    if rows.size and int(rows[-1]) - int(rows[0]) == rows.size - 1 and bool((np.diff(rows) == 1).all()):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows

@@ -119,6 +119,24 @@ def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules
     return window
 
 
+def sort_by_length(window: Window) -> None:
+    """Order the window's documents by token length (stable), so that every engine batch is a
+    contiguous run of them: the engine thread then pads and collects slices instead of gathering
+    and scattering rows, and this work is done here, in the fetch thread, off the GPU's path."""
+    lengths = window.tokens.lengths
+    if lengths.shape[0] < 2 or bool((lengths[:-1] <= lengths[1:]).all()):
+        return
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    counts = sorted_lengths.astype(np.int64)
+    shift = window.tokens.offsets[order] - (np.cumsum(counts) - counts)
+    gather = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(shift, counts)
+    window.tokens = TokenizedDocs(window.tokens.tokens[gather], sorted_lengths, window.tokens.truncated[order])
+    window.doc_ids = list(map(window.doc_ids.__getitem__, order.tolist()))
+    window.doc_msg = window.doc_msg[order]
+    window.doc_row = window.doc_row[order]
+
+
 def _slice_docs(docs: TokenizedDocs, start: int, stop: int) -> TokenizedDocs:
     offsets = docs.offsets
     return TokenizedDocs(docs.tokens[offsets[start]:offsets[stop]], docs.lengths[start:stop],

@@ -56,8 +56,8 @@ from embedq.worker.commit import (
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
 from embedq.worker.lease import InFlight, Lease
 from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir, describe_os_error
-from embedq.worker.pipeline import EngineStats, embed_documents, non_finite_rows
-from embedq.worker.window import DocumentRules, Window, assemble, tokenize
+from embedq.worker.pipeline import END, EngineStats, Work, embed_documents, embed_stream, non_finite_rows
+from embedq.worker.window import DocumentRules, Window, assemble, sort_by_length, tokenize
 from embedq.worker.writer import PartWriter, StagedPart, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
@@ -282,6 +282,7 @@ class Worker:
             window.deliveries = [window.deliveries[k] for k in keep]
         self.report.stages.fetched += sum(len(m) for m in window.messages)
         window = tokenize(window, self._encode, self.rules, self.id)
+        sort_by_length(window)
         self.report.stages.tokenized += len(window)
         return window
 
@@ -308,38 +309,48 @@ class Worker:
         window.dead_entries.append(entry)
 
     def _engine_loop(self) -> None:
-        while not self._abort.is_set():
+        """Embed windows as they come, the engine's pipeline running across window boundaries."""
+        ended = False
+
+        def take(wait: bool) -> Work[Window] | object | None:
+            nonlocal ended
+            if self._abort.is_set():
+                return END
             try:
-                window = self._ready.get(timeout=0.2)
+                window = self._ready.get(timeout=0.2) if wait else self._ready.get_nowait()
             except queue.Empty:
-                continue
+                return None
             if window is _END:
-                for _ in range(max(1, self.options.commit_threads)):
-                    self._put(self._to_commit, _END)
-                return
+                ended = True
+                return END
             if len(window):
                 self._state = "embedding"
-                self._embed(window)
+            return Work(window, window.tokens)
+
+        for window, result in embed_stream(self.engine, take, self.model.pad_token_id, stats=self.report.engine):
+            if self._abort.is_set():
+                return
+            if len(window):
+                self._embedded(window, result)
                 self.report.stages.embedded += len(window)
                 self.report.stages.tokens_embedded += int(window.tokens.lengths.sum())
             self.lease.progressed()
             self._put(self._to_commit, window)
+        if ended:
+            for _ in range(max(1, self.options.commit_threads)):
+                self._put(self._to_commit, _END)
 
-    def _embed(self, window: Window) -> None:
-        pad = self.model.pad_token_id
-        try:
-            window.embeddings = embed_documents(self.engine, window.tokens, pad, stats=self.report.engine)
-        except Exception as exc:  # a batch-level failure: find the documents at fault
-            log.warning("embedding a window of %d documents failed (%s); isolating the cause", len(window), exc)
-            window.embeddings, failed = self._embed_isolated(window, exc)
+    def _embedded(self, window: Window, result: np.ndarray | Exception) -> None:
+        """Take a window's embeddings; on a batch-level failure, find the documents at fault."""
+        if isinstance(result, Exception):
+            log.warning("embedding a window of %d documents failed (%s); isolating the cause", len(window), result)
+            window.embeddings, failed = self._embed_isolated(window, result)
             if failed:
                 rows = np.array(sorted(failed), dtype=np.int64)
                 self._dead_documents(window, rows, "embedding failed", "; ".join(sorted(set(failed.values())))[:2000],
                                      failures=self.options.max_failures)
-        bad = non_finite_rows(window.embeddings)
-        if bad.size:
-            self._dead_documents(window, bad, "non-finite embedding",
-                                 "the model produced NaN or infinity for this document")
+        else:
+            window.embeddings = result
 
     def _embed_isolated(self, window: Window, first_error: Exception) -> tuple[np.ndarray, dict[int, str]]:
         """Embed message by message, then document by document, retrying up to max_failures times.
@@ -418,6 +429,11 @@ class Worker:
             self._log_progress()
 
     def _commit(self, window: Window) -> None:
+        if window.embeddings is not None:  # checked here, in a commit thread, off the engine's path
+            bad = non_finite_rows(window.embeddings)
+            if bad.size:
+                self._dead_documents(window, bad, "non-finite embedding",
+                                     "the model produced NaN or infinity for this document")
         entries = list(window.all_entries)
         dropped = 0
 

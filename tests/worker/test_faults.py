@@ -97,7 +97,8 @@ def test_a_killed_workers_batches_are_reclaimed_by_another(redis_client, keys, t
     wait_until(lambda: committed(redis_client, keys) > 0, 120, "a first commit")
     victim.kill()
     victim.wait()
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] > 0  # it held batches when it died
+    pending = redis_client.xpending(keys.stream, GROUP)["pending"]
+    assert pending > 0, f"the victim held no batches when it died: {log.read_text()[-3000:]}"
     finish_with_one_more_worker(keys, out, redis_url, tiny_model, log)
     assert_exactly_once(redis_client, keys, out)
 

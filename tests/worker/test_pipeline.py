@@ -10,7 +10,7 @@ import pytest
 from embedq.engines.base import EngineBase, EngineConfig, Profile
 from embedq.tokenization import TokenizedDocs, Tokenizer, TokenizerPool
 from embedq.worker.buckets import profile_table
-from embedq.worker.pipeline import EngineStats, embed_documents
+from embedq.worker.pipeline import END, EngineStats, Work, embed_documents, embed_stream
 
 
 class LateEngine(EngineBase):
@@ -72,6 +72,88 @@ def test_every_document_gets_its_own_result_whatever_order_batches_finish(model_
     assert engine.most_in_flight <= depth and not engine.in_flight
     assert stats.documents == 3000 and stats.real_tokens == int(docs.lengths.sum())
     assert 1.0 <= stats.padding_ratio < 1.5
+
+
+def expected(docs: TokenizedDocs) -> np.ndarray:
+    """What LateEngine answers for each document."""
+    offsets = docs.offsets
+    sums = [docs.tokens[offsets[i]:offsets[i + 1]].sum() for i in range(len(docs))]
+    return np.stack([docs.tokens[offsets[:-1]], docs.lengths, sums], axis=1).astype(np.float32)
+
+
+class FailingLateEngine(LateEngine):
+    """LateEngine, failing batches that hold token `poison`, on submit or when collected."""
+
+    def __init__(self, config: EngineConfig, depth: int, poison: int, where: str) -> None:
+        super().__init__(config, depth)
+        self.poison, self.where = poison, where
+
+    def submit(self, input_ids: np.ndarray, lengths: np.ndarray):  # type: ignore[no-untyped-def]
+        poisoned = bool((input_ids == self.poison).any())
+        if poisoned and self.where == "submit":
+            raise RuntimeError("device error on submit")
+        later = super().submit(input_ids, lengths)
+        if not poisoned:
+            return later
+        engine = self
+
+        class Broken:
+            def result(self) -> np.ndarray:
+                engine.in_flight.remove(later)
+                raise RuntimeError("device error on collect")
+
+        return Broken()
+
+
+def feeder(works: list[Work], gaps: bool = False):  # type: ignore[no-untyped-def]
+    """A `take` callback over `works`; with `gaps`, every other call finds nothing ready yet."""
+    items = [END, *reversed(works)]
+    calls = {"n": 0}
+
+    def take(wait: bool):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if gaps and not wait and calls["n"] % 2:
+            return None
+        return items.pop()
+
+    return take
+
+
+@pytest.mark.parametrize("gaps", [False, True])
+def test_the_pipeline_runs_across_window_boundaries_and_hands_windows_back_in_order(model_info, gaps) -> None:
+    windows = [random_docs(300, seed=s) for s in range(5)]
+    windows.insert(2, random_docs(0, seed=0))  # a window with nothing left to embed keeps its place
+    engine = LateEngine(EngineConfig(model=model_info, profiles=profile_table(256, 2048)), 2)
+    order, in_flight_when_handed_back = [], []
+    for k, result in embed_stream(engine, feeder([Work(k, w) for k, w in enumerate(windows)], gaps), 0, depth=2):
+        order.append(k)
+        in_flight_when_handed_back.append(len(engine.in_flight))
+        assert isinstance(result, np.ndarray) and result.shape == (len(windows[k]), 3)
+        if len(windows[k]):
+            assert np.array_equal(result, expected(windows[k]))
+    assert order == list(range(len(windows)))
+    assert engine.most_in_flight == 2 and not engine.in_flight
+    if not gaps:
+        # A window is handed back while the next one's first batch already runs: no idle engine between.
+        assert all(n > 0 for k, n in enumerate(in_flight_when_handed_back[:-1]) if len(windows[k + 1]))
+
+
+@pytest.mark.parametrize("where", ["submit", "collect"])
+def test_a_failed_batch_fails_only_its_window_and_nothing_is_in_flight_when_it_is_reported(model_info, where) -> None:
+    windows = [random_docs(300, seed=s) for s in range(4)]
+    poison = int(windows[1].tokens[5])
+    for k in (0, 2, 3):
+        windows[k].tokens[windows[k].tokens == poison] = poison + 1
+    engine = FailingLateEngine(EngineConfig(model=model_info, profiles=profile_table(256, 2048)), 2, poison, where)
+    for k, result in embed_stream(engine, feeder([Work(k, w) for k, w in enumerate(windows)]), 0):
+        if k == 1:
+            assert isinstance(result, RuntimeError) and where in str(result)
+            assert not engine.in_flight, "the caller gets the engine to itself to isolate the fault"
+            with pytest.raises(RuntimeError):
+                embed_documents(engine, windows[1], 0)
+        else:
+            assert np.array_equal(result, expected(windows[k]))
+    assert not engine.in_flight
 
 
 def test_a_subset_of_documents_is_embedded_in_the_order_asked(model_info) -> None:
