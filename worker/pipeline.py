@@ -60,8 +60,9 @@ class _Job(Generic[T]):
     docs: TokenizedDocs
     rows: np.ndarray
     buckets: list[Bucket]
-    out: np.ndarray
+    by_length: np.ndarray  # results in bucket order: each batch's rows land as one contiguous slice
     submitted: int = 0
+    filled: int = 0  # rows of by_length handed to the engine so far
     in_flight: int = 0
     error: Exception | None = None
 
@@ -73,6 +74,16 @@ class _Job(Generic[T]):
     def finished(self) -> bool:
         return not self.to_submit and self.in_flight == 0
 
+    def embeddings(self) -> np.ndarray:
+        """The results in the order of the work's documents: one scatter per window, not one per
+        batch (each numpy copy lets go of the GIL, and getting it back can wait on other threads)."""
+        order = np.concatenate([bucket.rows for bucket in self.buckets]) if self.buckets else np.zeros(0, np.int64)
+        if bool((order == np.arange(order.shape[0])).all()):
+            return self.by_length
+        out = np.empty_like(self.by_length)
+        out[order] = self.by_length
+        return out
+
 
 @dataclass
 class _Stream:
@@ -81,7 +92,7 @@ class _Stream:
     profiles: Sequence[Profile]
     stats: EngineStats | None
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)  # started, not yet handed back
-    in_flight: collections.deque[tuple[_Job, Bucket, Pending]] = field(default_factory=collections.deque)
+    in_flight: collections.deque[tuple[_Job, slice, Pending]] = field(default_factory=collections.deque)
     busy_since: float | None = None
 
     def start(self, work: Work) -> None:
@@ -113,13 +124,14 @@ class _Stream:
             job.error = exc
             return
         job.in_flight += 1
-        self.in_flight.append((job, bucket, pending))
+        self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending))
+        job.filled += len(bucket)
         if self.stats is not None:
             self.stats.batches += 1
             self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
 
     def collect(self) -> None:
-        job, bucket, pending = self.in_flight.popleft()
+        job, place, pending = self.in_flight.popleft()
         job.in_flight -= 1
         try:
             result = pending.result()
@@ -127,7 +139,7 @@ class _Stream:
             job.error = job.error or exc
             return
         if job.error is None:
-            job.out[_as_slice(bucket.rows)] = result
+            job.by_length[place] = result
 
     def finished(self) -> Iterator[_Job]:
         """Hand back finished jobs in order. Before a failed one, collect everything in flight, so
@@ -171,7 +183,7 @@ def embed_stream(engine: Engine, take: Callable[[bool], Work[T] | object | None]
         if stream.in_flight and (len(stream.in_flight) >= depth or stream.next_to_submit() is None):
             stream.collect()
         for done in stream.finished():
-            yield done.tag, done.error if done.error is not None else done.out
+            yield done.tag, done.error if done.error is not None else done.embeddings()
         if ended and not stream.jobs:
             return
 
@@ -193,9 +205,3 @@ def non_finite_rows(embeddings: np.ndarray) -> np.ndarray:
     """Indices of rows holding NaN or infinity (a model overflow in fp16, for instance)."""
     return np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
 
-
-def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
-    """`rows` as a slice when they are consecutive (a length-sorted window): a copy, not a scatter."""
-    if rows.size and int(rows[-1]) - int(rows[0]) == rows.size - 1 and bool((np.diff(rows) == 1).all()):
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-    return rows

@@ -121,16 +121,18 @@ def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules
 
 def sort_by_length(window: Window) -> None:
     """Order the window's documents by token length (stable), so that every engine batch is a
-    contiguous run of them: the engine thread then pads and collects slices instead of gathering
-    and scattering rows, and this work is done here, in the fetch thread, off the GPU's path."""
+    contiguous run of them: the engine thread then copies each batch's results into one slice and
+    needs no reordering at the end. The work is done here, in the fetch thread, off the GPU's path."""
     lengths = window.tokens.lengths
     if lengths.shape[0] < 2 or bool((lengths[:-1] <= lengths[1:]).all()):
         return
     order = np.argsort(lengths, kind="stable")
     sorted_lengths = lengths[order]
-    counts = sorted_lengths.astype(np.int64)
-    shift = window.tokens.offsets[order] - (np.cumsum(counts) - counts)
-    gather = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(shift, counts)
+    # Where each sorted document's ids start, minus where they go: one int32 gather index per token.
+    shift = window.tokens.offsets[:-1][order] - (np.cumsum(sorted_lengths, dtype=np.int64) - sorted_lengths)
+    index_type = np.int32 if window.tokens.tokens.shape[0] < 2**31 else np.int64
+    gather = np.repeat(shift.astype(index_type), sorted_lengths)
+    gather += np.arange(gather.shape[0], dtype=index_type)
     window.tokens = TokenizedDocs(window.tokens.tokens[gather], sorted_lengths, window.tokens.truncated[order])
     window.doc_ids = list(map(window.doc_ids.__getitem__, order.tolist()))
     window.doc_msg = window.doc_msg[order]

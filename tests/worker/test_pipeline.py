@@ -182,3 +182,24 @@ def test_profiles_are_checked_on_submit(model_info) -> None:
         engine.submit(np.zeros((2, 9), np.int32), np.array([1, 1], np.int32))
     with pytest.raises(ValueError, match="does not fit"):
         engine.submit(np.zeros((5, 8), np.int32), np.ones(5, np.int32))
+
+
+def test_the_simulated_device_of_hostbench_keeps_the_engine_contract(model_info) -> None:
+    from tests.hostbench import SimulatedDevice
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 64, size=700).astype(np.int32)
+    docs = TokenizedDocs(rng.integers(1000, 30000, size=int(lengths.sum())).astype(np.int32), lengths,
+                         np.zeros(700, bool))
+    config = EngineConfig(model=model_info, profiles=profile_table(64, 1024))
+    stats = EngineStats()
+    with SimulatedDevice(config, rate=1e9) as device:
+        out = embed_documents(device, docs, 0, stats=stats)
+        assert out.shape == (700, model_info.dim) and out.dtype == np.float32
+        assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+        assert device.busy_seconds == pytest.approx(stats.padded_tokens / 1e9)
+        first = device.submit(np.zeros((3, 16), np.int32), np.ones(3, np.int32))
+        second = device.submit(np.zeros((5, 16), np.int32), np.ones(5, np.int32))
+        assert second.result().shape == (5, model_info.dim) and first.result().shape == (3, model_info.dim)
+        with pytest.raises(ValueError, match="no profile"):
+            device.submit(np.zeros((2, 65), np.int32), np.ones(2, np.int32))
