@@ -93,23 +93,20 @@ class OutputDir:
 
     def discard(self, name: str) -> None:
         """Remove a part that will never be committed (its batches were committed elsewhere)."""
-        try:
-            self.staging(name).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OutputError(describe_os_error(exc, self.path) + f" Staged part {name} is not committed; "
-                              "`embedq gc` removes it.") from exc
+        self._remove(self.staging(name), f"Staged part {name} is not committed; `embedq gc` removes it.")
 
     def remove_orphan(self, name: str) -> None:
-        """Remove a visible part that no commit lists (a crash between rename and commit in an old version)."""
+        """Remove a visible part the manifest does not list (Redis lost its commit: a failover, or
+        AOF `everysec` losing its last second)."""
+        self._remove(self.final(name), f"Part {name} is not committed; `embedq gc` removes it.")
+
+    def _remove(self, path: Path, consequence: str) -> None:
         try:
-            self.final(name).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise OutputError(describe_os_error(exc, self.path) + f" Part {name} is not committed; "
-                              "every reader ignores it.") from exc
+            raise OutputError(describe_os_error(exc, self.path) + " " + consequence) from exc
 
     def sync_dir(self) -> None:
         """Make renames and removals in the directory durable."""
