@@ -29,11 +29,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedq.model import ModelInfo, load_model_info
+
+if TYPE_CHECKING:
+    from embedq.tokenization import Encode
 
 log = logging.getLogger("embedq.bench")
 
@@ -209,23 +212,20 @@ def measure_tokenizers(model: ModelInfo, texts: list[str], processes: int) -> di
     """The tokenizer alone: `tokenizers` with all cores (rayon), and embedq's process pool."""
     from embedq.tokenization import Tokenizer, TokenizerPool
 
-    out: dict[str, float] = {}
-    tokenizer = Tokenizer(model.tokenizer_file, model.max_seq_len)
-    tokenizer.encode(texts[:1000])
-    started = time.perf_counter()
-    docs = tokenizer.encode(texts)
-    seconds = time.perf_counter() - started
-    out["all_cores_tokens_per_s"] = float(docs.lengths.sum()) / seconds
-    out["all_cores_docs_per_s"] = len(texts) / seconds
+    out = _time_encode("all_cores", Tokenizer(model.tokenizer_file, model.max_seq_len).encode, texts)
     if processes > 0:
         with TokenizerPool(model.tokenizer_file, model.max_seq_len, processes) as pool:
-            pool.encode(texts[:1000])
-            started = time.perf_counter()
-            docs = pool.encode(texts)
-            seconds = time.perf_counter() - started
-        out["pool_tokens_per_s"] = float(docs.lengths.sum()) / seconds
-        out["pool_docs_per_s"] = len(texts) / seconds
+            out.update(_time_encode("pool", pool.encode, texts))
     return out
+
+
+def _time_encode(name: str, encode: Encode, texts: list[str]) -> dict[str, float]:
+    """`{name}_tokens_per_s` and `{name}_docs_per_s` of `encode` over `texts`, after a warm-up call."""
+    encode(texts[:1000])
+    started = time.perf_counter()
+    docs = encode(texts)
+    seconds = time.perf_counter() - started
+    return {f"{name}_tokens_per_s": float(docs.lengths.sum()) / seconds, f"{name}_docs_per_s": len(texts) / seconds}
 
 
 def measure_gpu_only(engine: Any, docs: Any, pad_id: int) -> tuple[float, float, float]:
@@ -294,7 +294,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     result = Result(scenario=scenario)
     ids, texts = load_corpus(corpus_path, scenario.repeat, scenario.limit)
     source_file = work_dir / f"corpus-{uuid.uuid4().hex[:6]}.parquet"
-    _write_parquet(source_file, ids, texts)
+    write_corpus(source_file, ids, texts)
     one_copy = texts[: len(texts) // scenario.repeat]
     tokenized_once = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(one_copy)
     seq_lens = fit_seq_lens(tokenized_once.lengths, model.max_seq_len)
@@ -378,7 +378,8 @@ def _steady(samples: list[dict[str, float]]) -> list[dict[str, float]]:
     return [s for s in samples if 0.1 * total <= s["committed"] <= 0.9 * total]
 
 
-def _write_parquet(path: Path, ids: list[str], texts: list[str]) -> None:
+def write_corpus(path: Path, ids: list[str], texts: list[str]) -> None:
+    """Write ids and texts as the Parquet source a producer reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

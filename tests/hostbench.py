@@ -123,10 +123,9 @@ class _Later:
 def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_docs: int, token_budget: int,
         commit_threads: int, redis_url: str, work_dir: Path) -> dict[str, Any]:
     """Publish the corpus, then time one worker over it against the simulated device."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import redis as redis_lib
 
+    from embedq.bench import load_corpus, write_corpus
     from embedq.keys import JobKeys
     from embedq.model import default_model_path, load_model_info
     from embedq.producer.producer import Producer, ProducerOptions
@@ -137,12 +136,10 @@ def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_doc
     from embedq.worker.worker import Worker, WorkerOptions
 
     model = load_model_info(default_model_path())
-    table = pq.read_table(corpus, columns=["id", "text"])
-    texts = table.column("text").to_pylist()
-    ids = [f"{r}-{i}" for r in range(repeat) for i in table.column("id").to_pylist()]
+    ids, texts = load_corpus(corpus, repeat)
     source = work_dir / f"hostbench-{uuid.uuid4().hex[:6]}.parquet"
-    pq.write_table(pa.table({"id": ids, "text": texts * repeat}), source)
-    lengths = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(texts).lengths
+    write_corpus(source, ids, texts)
+    lengths = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(texts[: len(texts) // repeat]).lengths
     profiles = profile_table(model.max_seq_len, token_budget, fit_seq_lens(lengths, model.max_seq_len))
     client = redis_lib.Redis.from_url(redis_url)
     keys = JobKeys(f"hostbench-{uuid.uuid4().hex[:8]}")
