@@ -287,7 +287,7 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
     from embedq.tokenization import Tokenizer, TokenizerPool
-    from embedq.worker.buckets import fit_seq_lens, profile_table
+    from embedq.engines.profiles import fit_seq_lens, profile_table
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions
 
@@ -391,7 +391,7 @@ def precision_check(model: ModelInfo, texts: list[str], device: str, token_budge
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
     from embedq.tokenization import Tokenizer
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
     from embedq.worker.pipeline import embed_documents
 
     docs = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(texts)

@@ -312,7 +312,7 @@ def _engine(settings: Settings, info):
     from embedq.engines import create_engine, resolve_backend
     from embedq.engines.base import EngineConfig
     from embedq.engines.device import resolve_device
-    from embedq.worker.buckets import DEFAULT_SEQ_LENS, profile_table
+    from embedq.engines.profiles import DEFAULT_SEQ_LENS, profile_table
 
     device = resolve_device(settings.device)
     on_gpu = device.startswith("cuda")
@@ -524,7 +524,7 @@ def profile(
 
     from embedq.producer.sources import open_source
     from embedq.tokenization import Tokenizer
-    from embedq.worker.buckets import fit_seq_lens, profile_table, sequence_padding
+    from embedq.engines.profiles import fit_seq_lens, profile_table, sequence_padding
 
     settings = _settings(model=model, max_seq_len=max_seq_len)
     info = _model(settings)
@@ -750,10 +750,10 @@ def gc(
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Remove orphan parts (written but never committed) and roll committed ones forward."""
-    from embedq.status import live_workers
+    from embedq.job import live_workers
     from embedq.worker.commit import reconcile
     from embedq.worker.output import open_output
-    from embedq.worker.worker import job_complete
+    from embedq.job import job_complete
 
     settings, client = _redis_client(redis, key_prefix, tls_ca, tls_cert, tls_key)
     keys = _keys(job, settings)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 import tomllib
 
@@ -19,6 +19,7 @@ from embedq.errors import UsageError
 from embedq.protocol import Limits
 
 CONFIG_FILE = "embedq.toml"
+_Options = TypeVar("_Options")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,16 @@ class Settings:
 
     def redis(self) -> RedisSettings:
         return RedisSettings(url=self.redis_url, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
+
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes, max_doc_bytes=self.max_doc_bytes)
+
+    def options_for(self, cls: type[_Options], **overrides: Any) -> _Options:
+        """An options dataclass (`WorkerOptions`, `ProducerOptions`...) with every field it shares with
+        the settings taken from them: the one mapping from settings to a component's options."""
+        names = {f.name for f in fields(Settings)}
+        shared = {f.name: getattr(self, f.name) for f in fields(cls) if f.name in names}  # type: ignore[arg-type]
+        return cls(**{**shared, **overrides})
 
     def validate(self) -> Settings:
         positive = ("batch_size", "max_doc_bytes", "max_message_bytes", "backlog", "window_docs",

@@ -6,6 +6,7 @@ it and refuses to run a job whose model differs from the one it loaded (contract
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -123,3 +124,28 @@ def check_model(record: JobRecord, model: ModelInfo) -> None:
             f"This worker's model does not match job {record.job!r}: " + "; ".join(differences)
             + ". Start the worker with the job's model (--model, or leave it out to use the job's)."
         )
+
+
+# -- the job's state in Redis -------------------------------------------------------------------
+
+def is_complete(producer_done: bool, stream_entries: int) -> bool:
+    """A job is complete once its producer has finished and every stream entry has been settled."""
+    return producer_done and stream_entries == 0
+
+
+def job_complete(client: redis.Redis, keys: JobKeys) -> bool:
+    """Whether the job is complete now (see `is_complete`)."""
+    return is_complete(client.hget(keys.producer, "done") == b"1", int(client.xlen(keys.stream)))
+
+
+def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:
+    """Workers whose lease key exists, with their last heartbeat; forgets workers whose lease expired."""
+    names = [n.decode() if isinstance(n, bytes) else n for n in client.hkeys(keys.workers)]
+    if not names:
+        return {}
+    values = client.mget([keys.worker_lease(n) for n in names])
+    alive = {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
+    stale = [name for name in names if name not in alive]
+    if stale:
+        client.hdel(keys.workers, *stale)
+    return alive

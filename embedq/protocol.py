@@ -124,14 +124,6 @@ def validate_batch(message: BatchMessage, *, job: str, limits: Limits) -> None:
         _check_token_shapes(message, n, limits)
 
 
-def document_too_large(text: str, limit: int) -> bool:
-    """Whether a text is over `limit` UTF-8 bytes (checked per document, so one oversized document
-    is set aside alone, not with its batch)."""
-    # A character is at most 4 UTF-8 bytes: only texts longer than a quarter of the limit need
-    # encoding to be measured, which keeps the check off the hot path for normal documents.
-    return len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit
-
-
 def _check_token_shapes(message: BatchMessage, n: int, limits: Limits) -> None:
     if message.tokens is None or message.lengths is None or message.truncated is None:
         raise ProtocolError("message carries neither texts nor token ids")

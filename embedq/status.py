@@ -35,7 +35,7 @@ class JobStatus:
 
     @property
     def complete(self) -> bool:
-        return self.producer_done and self.stream_entries == 0
+        return job_record.is_complete(self.producer_done, self.stream_entries)
 
     @property
     def settled_documents(self) -> int:
@@ -64,19 +64,6 @@ class JobStatus:
                 "docs_per_s": self.docs_per_s, "tokens_per_s": self.tokens_per_s}
 
 
-def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:
-    """Workers whose lease key exists, with their last heartbeat; forgets workers whose lease expired."""
-    names = [n.decode() if isinstance(n, bytes) else n for n in client.hkeys(keys.workers)]
-    if not names:
-        return {}
-    values = client.mget([keys.worker_lease(n) for n in names])
-    alive = {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}
-    stale = [name for name in names if name not in alive]
-    if stale:
-        client.hdel(keys.workers, *stale)
-    return alive
-
-
 def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
     """The job's counts; `exists` is False when no producer has created it."""
     record = job_record.load(client, keys)
@@ -102,7 +89,7 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
         producer_done=producer.get(b"done") == b"1", stream_entries=int(stream_len), pending_entries=pending,
         committed_documents=count(stats, "docs_committed"), committed_parts=count(stats, "parts"),
         tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"), dead_letters=int(dead_len),
-        workers=live_workers(client, keys),
+        workers=job_record.live_workers(client, keys),
     )
 
 

@@ -23,7 +23,7 @@ from embedq.deadletter import DUPLICATE_ID, list_dead
 from embedq.errors import VerificationFailed
 from embedq.keys import JobKeys
 from embedq.protocol import DocId
-from embedq.status import live_workers
+from embedq.job import live_workers
 from embedq.worker.commit import reconcile, write_manifest_file
 from embedq.worker.output import open_output
 from embedq.worker.writer import read_metadata
@@ -107,7 +107,7 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
                allow_dead: bool = False) -> Verification:
     """Check job `keys.job`'s output in `out` against its source; also writes `_manifest.json`."""
     from embedq.producer.sources import SourceSpec, open_source
-    from embedq.worker.worker import job_complete
+    from embedq.job import job_complete
 
     record = job_record.require(client, keys)
     result = Verification(job=keys.job, allow_dead=allow_dead)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
-
 from embedq.errors import EngineError
 
 from .base import Engine, EngineConfig
+
+__all__ = ["BACKENDS", "Engine", "EngineConfig", "available_backends", "create_engine", "resolve_backend"]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -57,8 +57,8 @@ _REGISTRY = {
 }
 
 
-def create_engine(backend: str, config: EngineConfig, **options: Any) -> Engine:
-    """A not yet started engine of `backend` for `config`; `options` go to its constructor."""
+def create_engine(backend: str, config: EngineConfig) -> Engine:
+    """A not yet started engine of `backend` for `config` (`engine_for` picks both from settings)."""
     spec = _backend(backend)
     if not spec.built():
         raise EngineError(f"the {backend} backend is not built yet; use --backend torch.")
@@ -69,7 +69,7 @@ def create_engine(backend: str, config: EngineConfig, **options: Any) -> Engine:
             f"`{spec.install_hint}` or pick one of the available backends ({', '.join(available_backends())})."
         )
     module = importlib.import_module(f"{__name__}.{spec.module}")
-    engine: Engine = getattr(module, spec.engine_class)(config, **options)
+    engine: Engine = getattr(module, spec.engine_class)(config)
     return engine
 
 

@@ -50,6 +50,9 @@ class EngineConfig:
     precision: str = "fp32"
     cache_dir: str | None = None
     threads: int | None = None
+    # Capture the model once per profile ahead of time where the backend and device can (CUDA
+    # graphs for torch on CUDA); backends without such a mode ignore it.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

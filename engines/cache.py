@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from embedq.model import ModelInfo
@@ -34,30 +31,3 @@ def model_cache_dir(model: ModelInfo, cache_dir: str | os.PathLike[str] | None, 
     ).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.name.rsplit("/", 1)[-1]).strip("-.") or "model"
     return root / f"{slug}-{key}"
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final`; once the block succeeds it is fsynced and renamed to `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per writer, so concurrent exports never write into one file; a leading dot and a .tmp
-    # suffix keep it out of any glob for the final name. Left for the writer to create, so it gets
-    # the umask's permissions (mkstemp's 0600 would hide the file from workers of other users).
-    staged = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield staged
-        with staged.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staged, final)
-        _fsync_dir(final.parent)
-    finally:
-        staged.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

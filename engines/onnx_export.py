@@ -25,7 +25,9 @@ from pathlib import Path
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
 
-from .cache import atomic_path, model_cache_dir
+from embedq.durable import atomic_path
+
+from .cache import model_cache_dir
 
 INPUT_IDS = "input_ids"
 LENGTHS = "lengths"

@@ -114,8 +114,9 @@ class TorchEngine(EngineBase):
     name = "torch"
 
     def __init__(
-        self, config: EngineConfig, *, cuda_graphs: bool = False, slots_per_profile: int = 2
+        self, config: EngineConfig, *, slots_per_profile: int = 2
     ) -> None:
+        cuda_graphs = config.cuda_graphs
         if not config.device.startswith("cuda"):
             if config.precision != "fp32":
                 raise EngineError(

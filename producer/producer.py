@@ -48,6 +48,10 @@ class ProducerOptions:
     allow_duplicate_ids: bool = Settings.allow_duplicate_ids
     redis_retry_seconds: float = Settings.redis_retry_seconds
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProducerOptions:
+        return settings.options_for(cls, limits=settings.limits())
+
 
 @dataclass
 class ProducerReport:

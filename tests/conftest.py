@@ -75,7 +75,7 @@ def cpu_engine(model_info):
     """The real MiniLM on the CPU (torch backend), started once for the session, small batches."""
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
 
     engine = create_engine("torch", EngineConfig(model=model_info, profiles=profile_table(model_info.max_seq_len, 4096),
                                                  device="cpu", precision="fp32", threads=2))

@@ -131,7 +131,7 @@ def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_doc
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
     from embedq.tokenization import Tokenizer, TokenizerPool, default_tokenizer_processes
-    from embedq.worker.buckets import fit_seq_lens, profile_table
+    from embedq.engines.profiles import fit_seq_lens, profile_table
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions
 

@@ -14,11 +14,6 @@ import numpy as np
 
 from embedq.engines.base import Profile
 
-# Sequence lengths of the default profile table: steps of about 1.4x keep padding to a few tens of
-# percent for any length distribution; `embedq profile` fits a table to a corpus instead.
-DEFAULT_SEQ_LENS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-MAX_BATCH_CAP = 1024
-
 
 @dataclass(frozen=True)
 class Bucket:
@@ -29,15 +24,6 @@ class Bucket:
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
-
-
-def profile_table(max_seq_len: int, token_budget: int, seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
-                  max_batch_cap: int = MAX_BATCH_CAP) -> tuple[Profile, ...]:
-    """Profiles for sequence lengths up to `max_seq_len`, each batch holding about `token_budget` tokens."""
-    if max_seq_len < 1 or token_budget < 1:
-        raise ValueError("max_seq_len and token_budget must be positive")
-    lens = sorted({s for s in seq_lens if s < max_seq_len} | {max_seq_len})
-    return tuple(Profile(s, max(1, min(max_batch_cap, token_budget // s))) for s in lens)
 
 
 def plan_buckets(lengths: np.ndarray, profiles: Sequence[Profile]) -> list[Bucket]:
@@ -90,61 +76,3 @@ def padding_ratio(lengths: np.ndarray, buckets: Sequence[Bucket], *, full_batche
         b.profile.max_seq_len * (b.profile.max_batch if full_batches else len(b)) for b in buckets
     )
     return padded / real
-
-
-def sequence_padding(lengths: np.ndarray, seq_lens: Sequence[int]) -> float:
-    """Padded over real tokens when every document is padded to the smallest fitting length."""
-    table = np.array(sorted(seq_lens), dtype=np.int64)
-    padded = table[np.searchsorted(table, lengths, side="left")]
-    return float(padded.sum()) / max(1, int(lengths.sum()))
-
-
-def fit_seq_lens(lengths: np.ndarray, max_seq_len: int, *, target_waste: float = 0.10,
-                 max_profiles: int = 24) -> tuple[int, ...]:
-    """The fewest sequence lengths (ending at `max_seq_len`) that keep the padding of `lengths`
-    under `target_waste` (0.10: padded tokens at most 1.10x the real ones); if no set of
-    `max_profiles` does, the set of that size with the least padding.
-
-    Exact for the given lengths: dynamic programming over candidate lengths, multiples of 4 up to
-    64 and of 8 above (GPU kernels run best on such widths; short documents need the fine steps).
-    Fewer profiles mean fewer shapes to build or capture and fuller batches.
-    """
-    if lengths.size == 0:
-        return (max_seq_len,)
-    candidates = sorted({min(max_seq_len, s) for s in [*range(4, 65, 4), *range(72, max_seq_len + 8, 8)]}
-                        | {max_seq_len})
-    index = {c: i for i, c in enumerate(candidates)}
-    counts = np.zeros(len(candidates), dtype=np.int64)
-    cells = np.searchsorted(np.array(candidates), np.minimum(lengths, max_seq_len), side="left")
-    np.add.at(counts, cells, 1)
-    below = np.concatenate([[0], np.cumsum(counts)])  # documents in cells < i
-    real = int(lengths.sum())
-    n = len(candidates)
-    # cost[k][j]: fewest padded tokens covering cells 0..j with k boundaries, the last at cell j.
-    infinity = float("inf")
-    cost = np.full((max_profiles + 1, n), infinity)
-    choice = np.full((max_profiles + 1, n), -1, dtype=np.int64)
-    for j in range(n):
-        cost[1][j] = candidates[j] * below[j + 1]
-    def boundaries(k: int, j: int) -> tuple[int, ...]:
-        bounds = []
-        for level in range(k, 0, -1):
-            bounds.append(candidates[j])
-            j = int(choice[level][j])
-        return tuple(sorted(bounds))
-
-    last = index[max_seq_len]
-    for k in range(1, max_profiles + 1):
-        if k > 1:
-            for j in range(n):
-                docs = below[j + 1] - below[1:j + 1]  # documents in cells i+1..j, for each previous boundary i
-                options = cost[k - 1][:j] + candidates[j] * docs
-                if options.size:
-                    i = int(np.argmin(options))
-                    cost[k][j], choice[k][j] = options[i], i
-        if cost[k][last] <= (1.0 + target_waste) * real:
-            return boundaries(k, last)
-    # Out of reach: the fewest lengths that give the least padding possible with max_profiles.
-    least = min(cost[k][last] for k in range(1, max_profiles + 1))
-    k = next(k for k in range(1, max_profiles + 1) if cost[k][last] == least)
-    return boundaries(k, last)

@@ -14,7 +14,8 @@ import numpy as np
 
 from embedq import deadletter
 from embedq.errors import ProtocolError
-from embedq.protocol import BatchMessage, DocId, Limits, decode_batch, document_too_large
+from embedq.documents import too_large as document_too_large
+from embedq.protocol import BatchMessage, DocId, Limits, decode_batch
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.consumer import Delivery
 

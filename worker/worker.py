@@ -38,11 +38,10 @@ from embedq.config import Settings
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
 from embedq.errors import EmbedqError, EngineError, OutputError
-from embedq.job import JobRecord, check_model
+from embedq.job import JobRecord, check_model, job_complete, live_workers
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.protocol import BatchMessage, encode_batch
-from embedq.status import live_workers
 from embedq.tokenization import Encode, TokenizedDocs, Tokenizer
 from embedq.worker.commit import (
     Committer,
@@ -83,6 +82,10 @@ class WorkerOptions:
     exit_when_done: bool = True
     idle_exit_seconds: float | None = None  # exit after this long with nothing to do (tests, bench)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerOptions:
+        return settings.options_for(cls, **overrides)
+
 
 @dataclass
 class StageCounters:
@@ -116,12 +119,6 @@ def new_worker_id() -> str:
     """host_pid_random: unique per process, readable in status and part names (no '-' inside)."""
     host = socket.gethostname().split(".")[0].replace("-", "") or "host"
     return f"{host[:20]}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-
-def job_complete(client: redis.Redis, keys: JobKeys) -> bool:
-    """The producer has finished and every entry of the stream has been settled."""
-    done = client.hget(keys.producer, "done")
-    return done == b"1" and client.xlen(keys.stream) == 0
 
 
 class Worker:

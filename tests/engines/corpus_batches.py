@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from embedq.engines.base import Profile
 from embedq.tokenization import TokenizedDocs
-from embedq.worker.buckets import pad_batch, plan_buckets, profile_table
+from embedq.worker.buckets import pad_batch, plan_buckets
+from embedq.engines.profiles import profile_table
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ def cuda_graphs(request: pytest.FixtureRequest) -> bool:
 
 def _cuda_engine(model_info: ModelInfo, profiles: tuple[Profile, ...], precision: str,
                  cuda_graphs: bool) -> Engine:
-    config = EngineConfig(model_info, profiles, device="cuda", precision=precision)
-    return create_engine("torch", config, cuda_graphs=cuda_graphs)
+    config = EngineConfig(model_info, profiles, device="cuda", precision=precision, cuda_graphs=cuda_graphs)
+    return create_engine("torch", config)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])

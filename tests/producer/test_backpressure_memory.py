@@ -69,7 +69,7 @@ def tiny(tiny_model: Path) -> ModelInfo:
 def tiny_engine(tiny: ModelInfo) -> Iterator[Engine]:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
 
     engine = create_engine("torch", EngineConfig(model=tiny, profiles=profile_table(MAX_SEQ_LEN, 4096),
                                                  device="cpu", precision="fp32", threads=2))

@@ -167,7 +167,7 @@ def small_job(redis_client: redis.Redis, job_name: str, tiny_model: Path, gloss_
 def tiny_engine(tiny_model: Path) -> Iterator[Engine]:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
 
     info = load_model_info(tiny_model)
     engine = create_engine("torch", EngineConfig(model=info, profiles=profile_table(info.max_seq_len, 4096),

@@ -8,14 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedq.engines.base import Profile
-from embedq.worker.buckets import (
-    fit_seq_lens,
-    pad_batch,
-    padding_ratio,
-    plan_buckets,
-    profile_table,
-    sequence_padding,
-)
+from embedq.worker.buckets import pad_batch, padding_ratio, plan_buckets
+from embedq.engines.profiles import fit_seq_lens, profile_table, sequence_padding
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=256), min_size=0, max_size=400).map(
     lambda xs: np.array(xs, dtype=np.int32))

@@ -129,7 +129,7 @@ def test_a_write_error_stops_the_worker_and_acknowledges_nothing_unwritten(
         redis_client, keys, tiny, tiny_model, source, tmp_path: Path, monkeypatch, redis_url: str) -> None:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
 
     record = produce(redis_client, keys, tiny, source, batch_size=50)[0]
     import embedq.worker.writer as writer_module
@@ -163,7 +163,7 @@ def test_a_rename_that_fails_after_the_commit_stops_the_worker_and_the_next_one_
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
     from embedq.worker import output as output_module
-    from embedq.worker.buckets import profile_table
+    from embedq.engines.profiles import profile_table
 
     record = produce(redis_client, keys, tiny, source, batch_size=50)[0]
     original = output_module.os.replace

@@ -14,7 +14,7 @@ import pytest
 from embedq.engines import create_engine
 from embedq.engines.base import EngineConfig
 from embedq.keys import JobKeys
-from embedq.worker.buckets import profile_table
+from embedq.engines.profiles import profile_table
 from tests.support import produce, read_output, run_worker, write_jsonl
 
 torch = pytest.importorskip("torch")
@@ -32,15 +32,15 @@ def job_source(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Pa
 
 
 def embed_job(redis_client, model_info, source: Path, out: Path, device: str, precision: str,  # type: ignore[no-untyped-def]
-              **engine_options) -> dict:
+              cuda_graphs: bool = False) -> dict:
     keys = JobKeys(f"gpu-{precision}-{device.replace(':', '')}-{out.name}")
     for key in redis_client.scan_iter(match=f"*{{{keys.job}}}*"):
         redis_client.delete(key)
     record, _ = produce(redis_client, keys, model_info, source, batch_size=256)
     budget = 65536 if device.startswith("cuda") else 8192
     config = EngineConfig(model=model_info, profiles=profile_table(model_info.max_seq_len, budget), device=device,
-                          precision=precision)
-    with create_engine("torch", config, **engine_options) as engine:
+                          precision=precision, cuda_graphs=cuda_graphs)
+    with create_engine("torch", config) as engine:
         report = run_worker(redis_client, keys, record, model_info, engine, out, window_docs=1024)
     assert report.job_complete and report.dead_documents == 0
     return read_output(out)

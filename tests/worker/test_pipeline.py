@@ -9,7 +9,7 @@ import pytest
 
 from embedq.engines.base import EngineBase, EngineConfig, Profile
 from embedq.tokenization import TokenizedDocs, Tokenizer, TokenizerPool
-from embedq.worker.buckets import profile_table
+from embedq.engines.profiles import profile_table
 from embedq.worker.pipeline import END, EngineStats, Work, embed_documents, embed_stream
 
 

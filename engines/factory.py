@@ -1,0 +1,68 @@
+"""The one place that turns settings into an engine: backend, device, precision and profiles.
+
+The CLI, `embedq bench` and the tests all ask `engine_for`, so the policy (fp16 on GPUs, the token
+budget per device, CUDA graphs where they help) is written once, and a new backend needs no edit
+outside `engines/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from embedq.config import Settings, parse_seq_lens
+from embedq.model import ModelInfo
+
+from . import create_engine, resolve_backend
+from .base import Engine, EngineConfig
+from .device import resolve_device
+from .profiles import DEFAULT_SEQ_LENS, profile_table
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# CPU: 1k-4k token batches ran as fast as larger ones (2 cores, MiniLM); GPU: 64k-token batches
+# kept the H200 busiest in eager mode (engine measurements, 2026-11-28).
+CPU_TOKEN_BUDGET = 4096
+GPU_TOKEN_BUDGET = 65536
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a user asks of the engine, backend-neutral; "auto" and None mean "what suits the device"."""
+
+    backend: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+    token_budget: int | None = None
+    seq_lens: tuple[int, ...] | None = None
+    threads: int | None = None
+    cuda_graphs: bool = True
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineSpec:
+        """The engine part of the settings (flags, environment, embedq.toml)."""
+        return cls(backend=settings.backend, device=settings.device, precision=settings.precision,
+                   token_budget=settings.token_budget,
+                   seq_lens=parse_seq_lens(settings.seq_lens) if settings.seq_lens else None,
+                   threads=settings.threads, cuda_graphs=settings.cuda_graphs)
+
+
+def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
+    """The backend and configuration `spec` stands for on this machine."""
+    device = resolve_device(spec.device)
+    on_gpu = device.startswith("cuda")
+    precision = spec.precision if spec.precision != "auto" else ("fp16" if on_gpu else "fp32")
+    budget = spec.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
+    seq_lens: Sequence[int] = spec.seq_lens or DEFAULT_SEQ_LENS
+    backend = resolve_backend(spec.backend, device)
+    config = EngineConfig(model=model, profiles=profile_table(model.max_seq_len, budget, seq_lens), device=device,
+                          precision=precision, threads=spec.threads, cache_dir=spec.cache_dir,
+                          cuda_graphs=spec.cuda_graphs and on_gpu)
+    return backend, config
+
+
+def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
+    """A not yet started engine for `model` as `spec` asks (use it with `with`)."""
+    return create_engine(*plan_engine(model, spec))
