@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from embedq.deadletter import DUPLICATE_ID, EMPTY_TEXT
+from embedq.deadletter import DUPLICATE_ID
+from embedq.documents import EMPTY_TEXT, TOO_LARGE
 from embedq.producer.sources import Source
 from embedq.protocol import DocId, Limits
 
@@ -88,7 +89,7 @@ def _place(batch: PlannedBatch, doc_id: DocId, text: str, size: int, problem: st
         return
     if problem is None and size > rules.limits.max_doc_bytes:
         batch.rejected.append(Rejected(
-            index, doc_id, "document over the size limit",
+            index, doc_id, TOO_LARGE,
             f"{size} bytes, over the limit of {rules.limits.max_doc_bytes}; split the document or raise "
             "--max-doc-bytes", None))
         return

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedq.errors import SourceError, UsageError
-from embedq.producer import sources
+from embedq.producer import duplicates, stdin
+from embedq.producer.formats import line_blocks
 from embedq.producer.sources import Source, SourceSpec, open_source
 
 DOCS = [("a-1", "the first document"), ("a-2", "a second one, with a comma"), ("a-3", "héllo wörld ✓"),
@@ -161,7 +162,7 @@ def test_lines_are_numbered_right_across_read_blocks(tmp_path: Path, monkeypatch
     expected_text = docs_of(SourceSpec(str(tmp_path / "d.txt")))
     expected_jsonl = docs_of(SourceSpec(str(tmp_path / "d.jsonl")))
     assert [i for i, _, _ in expected_text] == ["d.txt:1", "d.txt:3", "d.txt:4", "d.txt:6"]
-    monkeypatch.setattr(sources, "_BLOCK_BYTES", 7)
+    monkeypatch.setattr(line_blocks, "BLOCK_BYTES", 7)
     assert docs_of(SourceSpec(str(tmp_path / "d.txt"))) == expected_text
     assert docs_of(SourceSpec(str(tmp_path / "d.jsonl"))) == expected_jsonl
     with open_source(SourceSpec(str(tmp_path / "d.txt"))) as source:
@@ -437,7 +438,7 @@ def test_scan_reports_no_duplicates_for_unique_ids_even_when_hashes_collide(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every id hashes alike: the second pass must compare the ids themselves.
-    monkeypatch.setattr(sources, "_hash_ids", lambda block: sources.np.zeros(len(block), sources.np.uint64))
+    monkeypatch.setattr(duplicates, "hash_ids", lambda block: duplicates.np.zeros(len(block), duplicates.np.uint64))
     write_parquet(tmp_path / "d.parquet", ["a", "b", "c", "b"], ["t"] * 4)
     scan = open_source(SourceSpec(str(tmp_path / "d.parquet"))).scan()
     assert (scan.n_duplicates, scan.duplicate_ids) == (1, [("b", 1, 3)])
@@ -517,7 +518,7 @@ def test_a_stdin_spool_is_removed_when_the_source_is_dropped_unclosed(monkeypatc
 
 
 def test_a_stdin_spool_is_removed_when_opening_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(sources.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(stdin.tempfile, "tempdir", str(tmp_path))
     _stdin(monkeypatch, b'{"id": "a", "body": "x"}\n')
     with pytest.raises(SourceError):
         open_source(SourceSpec("-"))
