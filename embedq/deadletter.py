@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import redis
 
+from embedq.documents import EMPTY_TEXT
 from embedq.keys import JobKeys
 from embedq.protocol import PAYLOAD_FIELD, SCHEMA_VERSION, BatchMessage, DocId, encode_batch
 
@@ -36,6 +37,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     failed_at: float = 0.0
     payload: bytes = b""
     replayable: bool = True
+    code: str = ""  # for a refused message, `ProtocolError.code`: a stable reason for scripts
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -60,11 +62,11 @@ def for_documents(message: BatchMessage, rows: Sequence[int], *, entry_id: str, 
 
 
 def for_unreadable(job: str, entry_id: str, raw: bytes, *, reason: str, error: str, worker: str,
-                   deliveries: int = 0, max_payload: int = 1 << 20) -> DeadLetter:
+                   deliveries: int = 0, max_payload: int = 1 << 20, code: str = "") -> DeadLetter:
     """A dead letter for a message that could not be decoded; its raw bytes are kept (up to a limit)."""
     return DeadLetter(job=job, entry_id=entry_id, seq=None, pos=None, doc_ids=[], reason=reason,
                       error=error, worker=worker, deliveries=deliveries, failed_at=time.time(),
-                      payload=raw[:max_payload], replayable=False)
+                      payload=raw[:max_payload], replayable=False, code=code)
 
 
 def subset(message: BatchMessage, rows: Sequence[int]) -> BatchMessage:
@@ -74,15 +76,10 @@ def subset(message: BatchMessage, rows: Sequence[int]) -> BatchMessage:
         return msgspec.structs.replace(message, ids=ids, texts=[message.texts[i] for i in rows])
     import numpy as np
 
-    tokens, lengths, truncated = message.token_arrays()
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    index = np.asarray(rows, dtype=np.int64)
-    pieces = [tokens[offsets[i]:offsets[i + 1]] for i in index]
+    docs = message.token_docs().take(list(rows))
     return msgspec.structs.replace(
-        message, ids=ids,
-        tokens=np.concatenate(pieces).astype("<i4").tobytes() if pieces else b"",
-        lengths=lengths[index].astype("<i4").tobytes(),
-        truncated=truncated[index].astype(np.uint8).tobytes(),
+        message, ids=ids, tokens=docs.tokens.astype("<i4").tobytes(), lengths=docs.lengths.astype("<i4").tobytes(),
+        truncated=docs.truncated.astype(np.uint8).tobytes(),
     )
 
 
@@ -117,7 +114,7 @@ def summary(entry: DeadEntry) -> dict[str, object]:
     return {"dead_id": entry.dead_id, "doc_ids": letter.doc_ids, "reason": letter.reason, "error": letter.error,
             "worker": letter.worker, "deliveries": letter.deliveries, "failures": letter.failures,
             "seq": letter.seq, "pos": letter.pos, "entry_id": letter.entry_id, "replayable": letter.replayable,
-            "failed_at": letter.failed_at}
+            "failed_at": letter.failed_at, "code": letter.code}
 
 
 _REPLAY = f"""
@@ -132,7 +129,6 @@ return 1
 
 
 DUPLICATE_ID = "duplicate id"
-EMPTY_TEXT = "empty text"
 
 
 def why_not_replayable(letter: DeadLetter, *, allow_empty: bool) -> str | None:

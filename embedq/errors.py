@@ -55,9 +55,17 @@ class VerificationFailed(EmbedqError):
 
 
 class ProtocolError(EmbedqError):
-    """A message read from Redis does not match the schema or its limits; it is dead-lettered."""
+    """A message read from Redis does not match the schema or its limits; it is dead-lettered.
+
+    `code` is a stable, machine-readable reason (one of `embedq.protocol.REASON_CODES`): scripts and
+    tests match on it, never on the wording, which may quote a library's own message.
+    """
 
     exit_code = 9
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EngineError(EmbedqError):

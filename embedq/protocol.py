@@ -13,11 +13,27 @@ import msgspec
 import numpy as np
 
 from embedq.errors import ProtocolError
+from embedq.tokenization import TokenizedDocs
 
 SCHEMA_VERSION = 1
 PAYLOAD_FIELD = b"m"  # the one field of a stream entry; short, since every entry carries it
 
 DocId = str | int
+
+# Why a message was refused: stable codes for scripts and tests (`ProtocolError.code`, a dead
+# letter's `code`); the human wording beside them may change.
+MESSAGE_TOO_LARGE = "message-too-large"  # over max_message_bytes or max_docs
+NOT_MSGPACK = "not-msgpack"  # not msgpack at all, or cut short
+INVALID_UTF8 = "invalid-utf8"  # a msgpack string that is not UTF-8
+NOT_A_BATCH = "not-a-batch"  # msgpack, but not the batch schema (types, fields, both/neither payloads)
+SCHEMA_VERSION_UNSUPPORTED = "schema-version"
+WRONG_JOB = "wrong-job"
+NO_DOCUMENTS = "no-documents"
+SHAPE_MISMATCH = "shape-mismatch"  # ids, texts and token arrays of different lengths
+BAD_TOKENS = "bad-tokens"  # a document without token ids, a negative id
+NO_PAYLOAD = "no-payload"  # a stream entry without the payload field
+REASON_CODES = (MESSAGE_TOO_LARGE, NOT_MSGPACK, INVALID_UTF8, NOT_A_BATCH, SCHEMA_VERSION_UNSUPPORTED, WRONG_JOB,
+                NO_DOCUMENTS, SHAPE_MISMATCH, BAD_TOKENS, NO_PAYLOAD)
 
 
 @dataclass(frozen=True)
@@ -57,10 +73,15 @@ class BatchMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def token_docs(self) -> TokenizedDocs:
+        """The message's token ids as a document table (views over the message bytes)."""
+        tokens, lengths, truncated = self.token_arrays()
+        return TokenizedDocs(tokens, lengths, truncated)
+
     def token_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, lengths, truncated) as numpy views over the message bytes (no copy)."""
         if self.tokens is None or self.lengths is None or self.truncated is None:
-            raise ProtocolError("message carries texts, not token ids")
+            raise ProtocolError("message carries texts, not token ids", code=NOT_A_BATCH)
         return (
             np.frombuffer(self.tokens, dtype="<i4"),
             np.frombuffer(self.lengths, dtype="<i4"),
@@ -80,22 +101,24 @@ def encode_batch(message: BatchMessage) -> bytes:
 def decode_batch(raw: bytes, *, job: str, limits: Limits) -> BatchMessage:
     """Parse and validate one entry's payload; raises ProtocolError naming what is wrong."""
     if len(raw) > limits.max_message_bytes:
-        raise ProtocolError(
-            f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}"
-        )
+        raise ProtocolError(f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}",
+                            code=MESSAGE_TOO_LARGE)
     try:
         message = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
         version = _peek_version(raw)
         if version is not None and version != SCHEMA_VERSION:
-            raise ProtocolError(
-                f"schema version {version} is not supported (this worker reads {SCHEMA_VERSION})"
-            ) from exc
-        raise ProtocolError(f"message does not match the batch schema: {exc}") from exc
+            raise ProtocolError(f"schema version {version} is not supported (this worker reads {SCHEMA_VERSION})",
+                                code=SCHEMA_VERSION_UNSUPPORTED) from exc
+        raise ProtocolError(f"message does not match the batch schema: {exc}", code=NOT_A_BATCH) from exc
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"message is not valid msgpack: {exc}") from exc
-    except UnicodeDecodeError as exc:  # msgspec raises it for a str that is not UTF-8
-        raise ProtocolError(f"message holds a string that is not valid UTF-8: {exc}") from exc
+        # msgspec < 0.23 raised UnicodeDecodeError for a str that is not UTF-8; 0.23 raises DecodeError
+        # and says so in its message (the one place that reads a library's wording, pinned by a test).
+        if "utf-8" in str(exc).lower():
+            raise ProtocolError(f"message holds a string that is not valid UTF-8 ({exc})", code=INVALID_UTF8) from exc
+        raise ProtocolError(f"message is not valid msgpack ({exc})", code=NOT_MSGPACK) from exc
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"message holds a string that is not valid UTF-8 ({exc})", code=INVALID_UTF8) from exc
     validate_batch(message, job=job, limits=limits)
     return message
 
@@ -103,40 +126,39 @@ def decode_batch(raw: bytes, *, job: str, limits: Limits) -> BatchMessage:
 def validate_batch(message: BatchMessage, *, job: str, limits: Limits) -> None:
     """Check the invariants a schema cannot express: version, job, shapes, per-document sizes."""
     if message.v != SCHEMA_VERSION:
-        raise ProtocolError(
-            f"schema version {message.v} is not supported (this worker reads {SCHEMA_VERSION})"
-        )
+        raise ProtocolError(f"schema version {message.v} is not supported (this worker reads {SCHEMA_VERSION})",
+                            code=SCHEMA_VERSION_UNSUPPORTED)
     if message.job != job:
-        raise ProtocolError(f"message belongs to job {message.job!r}, not {job!r}")
+        raise ProtocolError(f"message belongs to job {message.job!r}, not {job!r}", code=WRONG_JOB)
     if message.seq < 0 or message.pos < 0:
-        raise ProtocolError(f"negative sequence number or position ({message.seq}, {message.pos})")
+        raise ProtocolError(f"negative sequence number or position ({message.seq}, {message.pos})", code=NOT_A_BATCH)
     n = len(message.ids)
     if n == 0:
-        raise ProtocolError("message holds no documents")
+        raise ProtocolError("message holds no documents", code=NO_DOCUMENTS)
     if n > limits.max_docs:
-        raise ProtocolError(f"message holds {n} documents, over the limit of {limits.max_docs}")
+        raise ProtocolError(f"message holds {n} documents, over the limit of {limits.max_docs}", code=MESSAGE_TOO_LARGE)
     if message.texts is not None:
         if message.tokens is not None:
-            raise ProtocolError("message carries both texts and token ids")
+            raise ProtocolError("message carries both texts and token ids", code=NOT_A_BATCH)
         if len(message.texts) != n:
-            raise ProtocolError(f"{n} ids but {len(message.texts)} texts")
+            raise ProtocolError(f"{n} ids but {len(message.texts)} texts", code=SHAPE_MISMATCH)
     else:
         _check_token_shapes(message, n, limits)
 
 
 def _check_token_shapes(message: BatchMessage, n: int, limits: Limits) -> None:
     if message.tokens is None or message.lengths is None or message.truncated is None:
-        raise ProtocolError("message carries neither texts nor token ids")
+        raise ProtocolError("message carries neither texts nor token ids", code=NOT_A_BATCH)
     if len(message.tokens) % 4 or len(message.lengths) != 4 * n or len(message.truncated) != n:
-        raise ProtocolError("token arrays do not match the number of documents")
+        raise ProtocolError("token arrays do not match the number of documents", code=SHAPE_MISMATCH)
     lengths = np.frombuffer(message.lengths, dtype="<i4")
     if lengths.min() <= 0:
-        raise ProtocolError("a document has no token ids (every document needs at least one)")
+        raise ProtocolError("a document has no token ids (every document needs at least one)", code=BAD_TOKENS)
     if int(lengths.sum()) * 4 != len(message.tokens):
-        raise ProtocolError("token lengths do not add up to the token array")
+        raise ProtocolError("token lengths do not add up to the token array", code=SHAPE_MISMATCH)
     tokens = np.frombuffer(message.tokens, dtype="<i4")
     if tokens.size and int(tokens.min()) < 0:
-        raise ProtocolError("negative token id")
+        raise ProtocolError("negative token id", code=BAD_TOKENS)
 
 
 def _peek_version(raw: bytes) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +22,15 @@ import redis
 from embedq import job as job_record
 from embedq.deadletter import DUPLICATE_ID, list_dead
 from embedq.errors import VerificationFailed
+from embedq.job import live_workers
 from embedq.keys import JobKeys
 from embedq.protocol import DocId
-from embedq.job import live_workers
-from embedq.worker.commit import reconcile, write_manifest_file
-from embedq.worker.output import open_output
+from embedq.worker.commit import PartEntry, reconcile, write_manifest_file
+from embedq.worker.output import OutputDir, open_output
 from embedq.worker.writer import read_metadata
+
+if TYPE_CHECKING:
+    from embedq.producer.sources import Source
 
 MAX_EXAMPLES = 10
 
@@ -106,8 +110,8 @@ class Verification:
 def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | None = None,
                allow_dead: bool = False) -> Verification:
     """Check job `keys.job`'s output in `out` against its source; also writes `_manifest.json`."""
-    from embedq.producer.sources import SourceSpec, open_source
     from embedq.job import job_complete
+    from embedq.producer.sources import SourceSpec, open_source
 
     record = job_record.require(client, keys)
     result = Verification(job=keys.job, allow_dead=allow_dead)
@@ -151,7 +155,8 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     return result
 
 
-def _check_parts(output, parts, record: job_record.JobRecord, result: Verification) -> np.ndarray:
+def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_record.JobRecord,
+                 result: Verification) -> np.ndarray:
     hashes = []
     for name, entry in sorted(parts.items()):
         path = output.final(name)
@@ -194,7 +199,7 @@ def _compare(source: np.ndarray, output: np.ndarray, dead: np.ndarray, result: V
     result.dead_and_output = int(np.intersect1d(out_unique, np.unique(dead), assume_unique=True).shape[0])
 
 
-def _examples(src, source: np.ndarray, output: np.ndarray, dead: np.ndarray,
+def _examples(src: Source, source: np.ndarray, output: np.ndarray, dead: np.ndarray,
               result: Verification) -> None:
     out_unique, out_counts = np.unique(output, return_counts=True)
     wanted = {

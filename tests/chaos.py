@@ -30,10 +30,10 @@ from typing import Any
 import redis
 
 from embedq.connection import RedisServer
+from embedq.job import job_complete
 from embedq.keys import GROUP, JobKeys
 from embedq.worker.commit import part_writer
 from embedq.worker.output import STAGING_PREFIX, STAGING_SUFFIX
-from embedq.job import job_complete
 
 TICK = 0.2  # seconds between controller rounds
 KILL_WAIT = 30.0  # seconds a SIGKILLed process may take to be reaped

@@ -26,19 +26,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
+import pyarrow as pa
 import redis
 
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.protocol import PAYLOAD_FIELD
 from embedq.worker.output import MANIFEST_FILE, OutputDir
-from embedq.worker.writer import StagedPart
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from embedq.worker.window import Window
+from embedq.worker.writer import PartWriter, StagedPart
 
 
 class PartEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,13 +147,21 @@ return verdicts
 """
 
 
+Retry = Callable[[Callable[[], Any], str], Any]  # runs a Redis call, retrying outages (`what` names it)
+
+
+def _once(call: Callable[[], Any], what: str) -> Any:
+    return call()
+
+
 class Committer:
     """Runs the settle and split steps of one job against Redis."""
 
-    def __init__(self, client: redis.Redis, keys: JobKeys, worker: str) -> None:
+    def __init__(self, client: redis.Redis, keys: JobKeys, worker: str, *, retry: Retry | None = None) -> None:
         self.client = client
         self.keys = keys
         self.worker = worker
+        self._retry: Retry = retry or _once
         self._settle = client.register_script(_SETTLE)
         self._split = client.register_script(_SPLIT)
 
@@ -172,8 +179,9 @@ class Committer:
             settlement.dead_docs, settlement.dead_entries, len(settlement.entries), len(settlement.dead),
             *settlement.entries, *(deadletter.encode(d) for d in settlement.dead),
         ]
-        reply = self._settle(keys=[self.keys.stream, self.keys.manifest, self.keys.stats, self.keys.dead,
-                                   self.keys.failures, self.keys.condemned], args=args)
+        keys = [self.keys.stream, self.keys.manifest, self.keys.stats, self.keys.dead, self.keys.failures,
+                self.keys.condemned]
+        reply = self._retry(lambda: self._settle(keys=keys, args=args), "commit a part")
         kind = _text(reply[0])
         if kind == "gone":
             return SettleResult(Outcome.GONE, tuple(_text(x) for x in reply[2:]))
@@ -181,12 +189,12 @@ class Committer:
 
     def split(self, entry_id: str, payloads: Sequence[bytes]) -> bool:
         """Replace a pending entry by new entries (halves of its batch), atomically; False if gone."""
-        return bool(self._split(keys=[self.keys.stream, self.keys.failures],
-                                args=[GROUP, entry_id, *payloads]))
+        return bool(self._retry(lambda: self._split(keys=[self.keys.stream, self.keys.failures],
+                                                    args=[GROUP, entry_id, *payloads]), "split a poison batch"))
 
 
 class Step(Enum):
-    """How far a part has got; `commit_steps` yields each step as it completes."""
+    """How far a part has got; `PartCommit.steps` yields each step as it completes."""
 
     STAGED = "staged"  # written and fsynced under its staging name
     DROPPED = "dropped"  # some of its entries were settled elsewhere: discarded, to be redone without them
@@ -194,43 +202,82 @@ class Step(Enum):
     PUBLISHED = "published"  # renamed to its visible name
 
 
-def commit_steps(
-    rows_for: Callable[[frozenset[str]], tuple[pa.Table | None, Settlement]],
-    stage: Callable[[str, pa.Table], StagedPart],
-    settle: Callable[[Settlement], SettleResult],
-    publish: Callable[[str], None],
-    discard: Callable[[str], None],
-    next_name: Callable[[], str],
-) -> Iterator[Step]:
-    """The protocol for one window, one step at a time (a generator, so tests can stop it anywhere).
+class PartCommit:
+    """One window's way through the protocol: prepare, stage, settle, publish (module docstring).
 
-    `rows_for(excluded)` gives the part's table and settlement without the entries in `excluded`
-    (those another worker settled first); the part is then staged, settled and published. A
-    crash at any step leaves the state that `reconcile` and reclaiming repair.
+    If the settle step finds entries that another worker settled first (GONE: this one lost its
+    lease on them), or finds the staged part condemned by recovery (CONDEMNED: this worker was taken
+    for dead and its file deleted), the part is dropped and prepared again without those entries,
+    under a new name. `steps()` yields after each step, so tests can stop a commit anywhere, as a
+    crash would.
     """
-    excluded: frozenset[str] = frozenset()
-    while True:
-        table, settlement = rows_for(excluded)
-        if not settlement.entries:
+
+    def __init__(self, window: Window, writer: PartWriter, committer: Committer, names: Callable[[], str]) -> None:
+        self.window = window
+        self.writer = writer
+        self.committer = committer
+        self._names = names
+        self.excluded: frozenset[str] = frozenset()  # entries settled elsewhere
+        self.dropped_documents = 0  # documents dropped because another worker committed them
+        self.name = ""
+        self.table: pa.Table | None = None
+        self.settlement = Settlement(entries=[])
+
+    def run(self) -> None:
+        """All steps, to the end."""
+        for _ in self.steps():
+            pass
+
+    def steps(self) -> Iterator[Step]:
+        while self.prepare():
+            if self.table is not None:
+                self.stage()
+                yield Step.STAGED
+            result = self.settle()
+            if result.outcome in (Outcome.GONE, Outcome.CONDEMNED):
+                self.drop(result)
+                yield Step.DROPPED
+                continue
+            yield Step.SETTLED
+            if self.settlement.part is not None:
+                self.publish()
+                yield Step.PUBLISHED
             return
-        name = next_name()
-        if table is not None and table.num_rows:
-            settlement.part = stage(name, table)
-            yield Step.STAGED
-        result = settle(settlement)
-        if result.outcome in (Outcome.GONE, Outcome.CONDEMNED):
-            # GONE: redo the part without the entries another worker settled. CONDEMNED: recovery
-            # took this worker for dead and deleted the staged file; redo it under a new name.
-            if settlement.part is not None:
-                discard(name)
-            excluded = excluded | frozenset(result.gone)
-            yield Step.DROPPED
-            continue
-        yield Step.SETTLED
-        if settlement.part is not None:
-            publish(name)
-            yield Step.PUBLISHED
-        return
+
+    def prepare(self) -> bool:
+        """Build the part's table and settlement from the window, without the excluded entries;
+        False when nothing is left to settle."""
+        if self.excluded:
+            self.dropped_documents += self.window.drop_entries(self.excluded)
+        window = self.window
+        self.table = None
+        if len(window):
+            docs = window.docs
+            assert docs.embeddings is not None, "a window is committed after it was embedded"
+            self.table = self.writer.table(docs.ids, docs.embeddings, docs.tokens.lengths, docs.tokens.truncated)
+        self.settlement = Settlement(entries=window.all_entry_ids, seqs=window.seqs, tokens=window.token_count,
+                                     dead=window.dead, dead_entries=len(window.dead_entries))
+        self.name = self._names()
+        return bool(self.settlement.entries)
+
+    def stage(self) -> None:
+        """Step 1: write and fsync the part under its staging name."""
+        assert self.table is not None
+        self.settlement.part = self.writer.stage(self.name, self.table)
+
+    def settle(self) -> SettleResult:
+        """Step 2: commit it in Redis, atomically, if every entry is still this worker's."""
+        return self.committer.settle(self.settlement)
+
+    def drop(self, result: SettleResult) -> None:
+        """Discard the staged part; the next `prepare` leaves out the entries settled elsewhere."""
+        if self.settlement.part is not None:
+            self.writer.output.discard(self.name)
+        self.excluded = self.excluded | frozenset(result.gone)
+
+    def publish(self) -> None:
+        """Step 3: rename the committed part to its visible name."""
+        self.writer.output.publish(self.name)
 
 
 def manifest_entries(client: redis.Redis, keys: JobKeys) -> dict[str, PartEntry]:

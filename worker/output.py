@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedq.durable import atomic_path, sync_directory
 from embedq.errors import OutputError
 
 PART_SUFFIX = ".parquet"
@@ -116,11 +117,7 @@ class OutputDir:
             raise OutputError(describe_os_error(exc, self.path)) from exc
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(self.path)
 
     def part_names(self) -> set[str]:
         """Names of visible parts (`*.parquet`)."""
@@ -133,21 +130,13 @@ class OutputDir:
 
     def write_json(self, filename: str, data: Any, *, text: str | None = None) -> None:
         """Write a small JSON file (or `text`) atomically: temporary name, fsync, rename, fsync the directory."""
-        target = self.path / filename
-        temp = self.path / f".{filename}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with temp.open("w", encoding="utf-8") as handle:
+            with atomic_path(self.path / filename) as temp, temp.open("w", encoding="utf-8") as handle:
                 if text is not None:
                     handle.write(text)
                 else:
                     json.dump(data, handle, indent=1, sort_keys=True, default=str)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-            self._fsync_dir()
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink()
             raise OutputError(describe_os_error(exc, self.path)) from exc
 
     def write_lines(self, filename: str, rows: list[dict[str, Any]]) -> None:

@@ -1,8 +1,15 @@
-"""A window: the messages a worker embeds together, sorts by length and writes as one part.
+"""A window: the stream entries a worker embeds together, sorts by length and writes as one part.
 
-`assemble` decodes and validates deliveries (unreadable ones and unusable documents become dead
-letters with their reason), `tokenize` turns texts into ids (or takes the producer's ids), and the
-result carries everything the engine stage and the commit stage need. Pure data, no Redis.
+A window holds one `Entry` per stream entry (entry id, decoded message, delivery count) and one
+`DocumentTable` (each document's id, the entry and row it came from, its token ids, and later its
+embedding). Every change goes through a method that keeps the two in step: keeping a subset of the
+documents, dropping entries another worker settled, splitting off entries suspected of crashing
+workers, moving documents to dead letters. Dead letters found on the way ride along and are
+committed with the window's part. Pure data, no Redis: tested on its own.
+
+`Window.assemble` decodes and validates deliveries (unreadable ones become dead letters), and
+`Window.tokenize` turns texts into ids (or takes the producer's ids), checking each document against
+the job's `DocumentRules`.
 """
 
 from __future__ import annotations
@@ -12,46 +19,47 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedq import deadletter
+from embedq import deadletter, documents
 from embedq.errors import ProtocolError
-from embedq.documents import too_large as document_too_large
-from embedq.protocol import BatchMessage, DocId, Limits, decode_batch
+from embedq.protocol import NO_PAYLOAD, BatchMessage, DocId, Limits, decode_batch
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.consumer import Delivery
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry of the window: its id, its decoded message and how often it was delivered."""
+
+    entry_id: str
+    message: BatchMessage
+    deliveries: int
+
+
 @dataclass
-class Window:
-    """Documents of several stream entries, prepared for the engine.
+class DocumentTable:
+    """The window's documents, one row each: id, owning entry (index) and row in its message, tokens,
+    and once embedded, the embedding."""
 
-    `entries[k]` is the stream entry of `messages[k]`; document i of the window is row
-    `doc_row[i]` of message `doc_msg[i]`. Dead letters found while preparing ride along and are
-    committed with the window's part.
-    """
-
-    entries: list[str]
-    messages: list[BatchMessage]
-    deliveries: list[int]
-    doc_ids: list[DocId] = field(default_factory=list)
-    doc_msg: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    doc_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    ids: list[DocId] = field(default_factory=list)
+    entry: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     tokens: TokenizedDocs = field(default_factory=lambda: TokenizedDocs.concat([]))
-    dead: list[deadletter.DeadLetter] = field(default_factory=list)
-    dead_entries: list[str] = field(default_factory=list)  # entries dead-lettered whole
     embeddings: np.ndarray | None = None
 
-    @property
-    def all_entries(self) -> list[str]:
-        """Every entry this window settles: those with documents and those dead-lettered whole."""
-        return self.entries + self.dead_entries
-
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return len(self.ids)
+
+    def take(self, index: np.ndarray) -> DocumentTable:
+        """The documents `index` (indices in order, or a boolean mask)."""
+        chosen = np.flatnonzero(index) if index.dtype == bool else index
+        return DocumentTable(
+            ids=list(map(self.ids.__getitem__, chosen.tolist())), entry=self.entry[index], row=self.row[index],
+            tokens=self.tokens.take(index), embeddings=None if self.embeddings is None else self.embeddings[index])
 
 
 @dataclass(frozen=True)
 class DocumentRules:
-    """Checks applied to each document before it is embedded."""
+    """Checks applied to each document before it is embedded (see `embedq.documents`)."""
 
     limits: Limits
     allow_empty: bool = False
@@ -60,144 +68,199 @@ class DocumentRules:
     id_type: str = ""  # "string" or "int64": the job's; ids of another type cannot go into its Parquet
 
 
-def assemble(deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str) -> Window:
-    """Decode and validate deliveries into a window (texts not yet tokenized)."""
-    window = Window(entries=[], messages=[], deliveries=[])
-    for delivery in deliveries:
-        try:
-            if delivery.raw is None:
-                raise ProtocolError("stream entry has no payload field")
-            message = decode_batch(delivery.raw, job=job, limits=rules.limits)
-        except ProtocolError as exc:
-            window.dead.append(deadletter.for_unreadable(
-                job, delivery.entry_id, delivery.raw or b"", reason="malformed message", error=str(exc),
-                worker=worker, deliveries=delivery.deliveries))
-            window.dead_entries.append(delivery.entry_id)
-            continue
-        window.entries.append(delivery.entry_id)
-        window.messages.append(message)
-        window.deliveries.append(delivery.deliveries)
-    return window
+@dataclass
+class Window:
+    """Documents of several stream entries, prepared for the engine and the commit."""
 
+    entries: list[Entry] = field(default_factory=list)
+    docs: DocumentTable = field(default_factory=DocumentTable)
+    dead: list[deadletter.DeadLetter] = field(default_factory=list)
+    dead_entries: list[str] = field(default_factory=list)  # entries dead-lettered whole
 
-def tokenize(window: Window, encode: Callable[[list[str]], TokenizedDocs], rules: DocumentRules,
-             worker: str) -> Window:
-    """Fill the window's documents and token ids; unusable documents become dead letters.
+    def __len__(self) -> int:
+        return len(self.docs)
 
-    The texts of all messages go to the tokenizer in one call, so a pool spreads them over all
-    its processes (one call per message would keep one process busy at a time).
-    """
-    parts: list[TokenizedDocs | None] = []
-    keeps: list[list[int]] = []
-    texts: list[str] = []
-    for k, message in enumerate(window.messages):
-        if message.texts is not None:
-            keep, problems = _text_problems(message.texts, rules)
-            keep = _check_ids(message.ids, keep, problems, rules)
-            texts.extend(message.texts[i] for i in keep)
-            parts.append(None)  # filled from the one tokenizer call below
-        else:
-            tokens_all, lengths, truncated = message.token_arrays()
-            keep, problems = _token_problems(tokens_all, lengths, rules)
-            keep = _check_ids(message.ids, keep, problems, rules)
-            parts.append(_select_tokens(tokens_all, lengths, truncated, keep))
-        keeps.append(keep)
-        for reason, rows in problems.items():
-            window.dead.append(deadletter.for_documents(
-                message, rows, entry_id=window.entries[k], reason=reason, error=reason, worker=worker,
-                deliveries=window.deliveries[k]))
-        window.doc_ids.extend(message.ids[i] for i in keep)
-    if texts:
-        encoded = encode(texts)
-        start = 0
-        for k, part in enumerate(parts):
-            if part is None:
-                parts[k] = _slice_docs(encoded, start, start + len(keeps[k]))
-                start += len(keeps[k])
-    window.tokens = TokenizedDocs.concat([p for p in parts if p is not None])
-    window.doc_msg = np.repeat(np.arange(len(keeps), dtype=np.int32), [len(k) for k in keeps])
-    window.doc_row = np.concatenate([np.asarray(k, dtype=np.int32) for k in keeps]) if keeps else np.zeros(0, np.int32)
-    return window
+    # -- reading -----------------------------------------------------------------------------------
 
+    @property
+    def entry_ids(self) -> list[str]:
+        """The entries whose documents the window holds."""
+        return [e.entry_id for e in self.entries]
 
-def sort_by_length(window: Window) -> None:
-    """Order the window's documents by token length (stable), so that every engine batch is a
-    contiguous run of them: the engine thread then copies each batch's results into one slice and
-    needs no reordering at the end. The work is done here, in the fetch thread, off the GPU's path."""
-    lengths = window.tokens.lengths
-    if lengths.shape[0] < 2 or bool((lengths[:-1] <= lengths[1:]).all()):
-        return
-    order = np.argsort(lengths, kind="stable")
-    sorted_lengths = lengths[order]
-    # Where each sorted document's ids start, minus where they go: one int32 gather index per token.
-    shift = window.tokens.offsets[:-1][order] - (np.cumsum(sorted_lengths, dtype=np.int64) - sorted_lengths)
-    index_type = np.int32 if window.tokens.tokens.shape[0] < 2**31 else np.int64
-    gather = np.repeat(shift.astype(index_type), sorted_lengths)
-    gather += np.arange(gather.shape[0], dtype=index_type)
-    window.tokens = TokenizedDocs(window.tokens.tokens[gather], sorted_lengths, window.tokens.truncated[order])
-    window.doc_ids = list(map(window.doc_ids.__getitem__, order.tolist()))
-    window.doc_msg = window.doc_msg[order]
-    window.doc_row = window.doc_row[order]
+    @property
+    def all_entry_ids(self) -> list[str]:
+        """Every entry this window settles: those with documents and those dead-lettered whole."""
+        return self.entry_ids + self.dead_entries
 
+    @property
+    def seqs(self) -> list[int]:
+        return sorted({e.message.seq for e in self.entries})
 
-def _slice_docs(docs: TokenizedDocs, start: int, stop: int) -> TokenizedDocs:
-    offsets = docs.offsets
-    return TokenizedDocs(docs.tokens[offsets[start]:offsets[stop]], docs.lengths[start:stop],
-                         docs.truncated[start:stop])
+    @property
+    def tokens(self) -> TokenizedDocs:
+        return self.docs.tokens
 
+    @property
+    def token_count(self) -> int:
+        return int(self.docs.tokens.lengths.sum())
 
-_INT64 = (-(1 << 63), (1 << 63) - 1)
+    @property
+    def dead_documents(self) -> int:
+        return sum(len(letter.doc_ids) for letter in self.dead)
+
+    def rows_of(self, k: int) -> np.ndarray:
+        """The documents (window rows) of entry `k`."""
+        return np.flatnonzero(self.docs.entry == k)
+
+    # -- building ----------------------------------------------------------------------------------
+
+    @classmethod
+    def assemble(cls, deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str) -> Window:
+        """Decode and validate deliveries into a window (texts not yet tokenized)."""
+        window = cls()
+        for delivery in deliveries:
+            try:
+                if delivery.raw is None:
+                    raise ProtocolError("stream entry has no payload field", code=NO_PAYLOAD)
+                message = decode_batch(delivery.raw, job=job, limits=rules.limits)
+            except ProtocolError as exc:
+                window.dead_letter_entry(delivery.entry_id, deadletter.for_unreadable(
+                    job, delivery.entry_id, delivery.raw or b"", reason="malformed message", error=str(exc),
+                    worker=worker, deliveries=delivery.deliveries, code=exc.code))
+                continue
+            window.entries.append(Entry(delivery.entry_id, message, delivery.deliveries))
+        return window
+
+    def tokenize(self, encode: Callable[[list[str]], TokenizedDocs], rules: DocumentRules, worker: str) -> None:
+        """Fill the document table with the entries' documents and token ids; unusable documents
+        become dead letters.
+
+        The texts of all messages go to the tokenizer in one call, so a pool spreads them over all
+        its processes (one call per message would keep one process busy at a time).
+        """
+        parts: list[TokenizedDocs | None] = []
+        keeps: list[list[int]] = []
+        texts: list[str] = []
+        ids: list[DocId] = []
+        for entry in self.entries:
+            message = entry.message
+            if message.texts is not None:
+                keep, problems = _text_problems(message.texts, rules)
+                keep = _check_ids(message.ids, keep, problems, rules)
+                texts.extend(message.texts[i] for i in keep)
+                parts.append(None)  # filled from the one tokenizer call below
+            else:
+                docs = message.token_docs()
+                keep, problems = _token_problems(docs, rules)
+                keep = _check_ids(message.ids, keep, problems, rules)
+                parts.append(docs if len(keep) == len(docs) else docs.take(keep))
+            keeps.append(keep)
+            for reason, rows in problems.items():
+                self.dead.append(deadletter.for_documents(
+                    message, rows, entry_id=entry.entry_id, reason=reason, error=reason, worker=worker,
+                    deliveries=entry.deliveries))
+            ids.extend(message.ids[i] for i in keep)
+        if texts:
+            encoded = encode(texts)
+            start = 0
+            for k, part in enumerate(parts):
+                if part is None:
+                    parts[k] = encoded.slice(start, start + len(keeps[k]))
+                    start += len(keeps[k])
+        tokens = TokenizedDocs.concat([p for p in parts if p is not None])
+        self.docs = DocumentTable(
+            ids=ids, entry=np.repeat(np.arange(len(keeps), dtype=np.int32), [len(k) for k in keeps]),
+            row=np.concatenate([np.asarray(k, dtype=np.int32) for k in keeps]) if keeps else np.zeros(0, np.int32),
+            tokens=TokenizedDocs(tokens.tokens.astype(np.int32, copy=False),
+                                 tokens.lengths.astype(np.int32, copy=False), tokens.truncated))
+
+    def sort_by_length(self) -> None:
+        """Order the documents by token length (stable), so that every engine batch is a contiguous
+        run of them: the engine thread then copies each batch's results into one slice and needs no
+        reordering at the end. Done in the fetch thread, off the GPU's path."""
+        lengths = self.docs.tokens.lengths
+        if lengths.shape[0] < 2 or bool((lengths[:-1] <= lengths[1:]).all()):
+            return
+        self.docs = self.docs.take(np.argsort(lengths, kind="stable"))
+
+    # -- changing ----------------------------------------------------------------------------------
+
+    def keep_documents(self, keep: np.ndarray) -> None:
+        """Restrict the documents (tokens and embeddings with them) to the boolean mask `keep`."""
+        if not keep.all():
+            self.docs = self.docs.take(keep)
+
+    def dead_letter_entry(self, entry_id: str, letter: deadletter.DeadLetter) -> None:
+        """Set a whole entry aside (it holds no documents of this window)."""
+        self.dead.append(letter)
+        self.dead_entries.append(entry_id)
+
+    def dead_letter_documents(self, rows: np.ndarray, *, reason: str, error: str, worker: str,
+                              failures: int = 0) -> None:
+        """Move documents `rows` of the window to dead letters (one per entry) and out of the table."""
+        for k in np.unique(self.docs.entry[rows]).tolist():
+            entry = self.entries[k]
+            message_rows = self.docs.row[rows[self.docs.entry[rows] == k]].tolist()
+            self.dead.append(deadletter.for_documents(
+                entry.message, message_rows, entry_id=entry.entry_id, reason=reason, error=error, worker=worker,
+                deliveries=entry.deliveries, failures=failures))
+        keep = np.ones(len(self), dtype=bool)
+        keep[rows] = False
+        self.keep_documents(keep)
+
+    def drop_entries(self, gone: set[str] | frozenset[str]) -> int:
+        """Remove everything that belongs to entries settled elsewhere; returns the documents dropped."""
+        kept = [k for k, e in enumerate(self.entries) if e.entry_id not in gone]
+        before = len(self)
+        self.keep_documents(np.isin(self.docs.entry, np.array(kept, dtype=np.int32)))
+        remap = np.full(len(self.entries), -1, dtype=np.int32)
+        remap[kept] = np.arange(len(kept), dtype=np.int32)
+        self.docs.entry = remap[self.docs.entry]
+        self.entries = [self.entries[k] for k in kept]
+        self.dead = [d for d in self.dead if d.entry_id not in gone]
+        self.dead_entries = [e for e in self.dead_entries if e not in gone]
+        return before - len(self)
+
+    def split_off(self, suspect: Callable[[Entry], bool]) -> list[Entry]:
+        """Take the entries for which `suspect` holds out of the window (before tokenizing) and
+        return them: the worker isolates entries that were delivered too often this way."""
+        if len(self):
+            raise ValueError("entries are split off before the window is tokenized")
+        taken = [e for e in self.entries if suspect(e)]
+        if taken:
+            self.entries = [e for e in self.entries if not suspect(e)]
+        return taken
 
 
 def _check_ids(ids: list[DocId], keep: list[int], problems: dict[str, list[int]], rules: DocumentRules) -> list[int]:
     """Drop (and report) documents whose id does not fit the job's id type."""
     if not rules.id_type:
         return keep
-    if rules.id_type == "int64":
-        def fits(doc_id: DocId) -> bool:
-            return type(doc_id) is int and _INT64[0] <= doc_id <= _INT64[1]
-    else:
-        def fits(doc_id: DocId) -> bool:
-            return type(doc_id) is str
-    if all(fits(ids[i]) for i in keep):
+    if all(documents.id_fits(ids[i], rules.id_type) for i in keep):
         return keep
-    wrong = [i for i in keep if not fits(ids[i])]
+    wrong = [i for i in keep if not documents.id_fits(ids[i], rules.id_type)]
     problems[f"id of the wrong type (the job's ids are {rules.id_type})"] = wrong
-    return [i for i in keep if fits(ids[i])]
+    return [i for i in keep if documents.id_fits(ids[i], rules.id_type)]
 
 
 def _text_problems(texts: list[str], rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:
     problems: dict[str, list[int]] = {}
     keep: list[int] = []
     for i, text in enumerate(texts):
-        if not rules.allow_empty and (not text or text.isspace()):
-            problems.setdefault(deadletter.EMPTY_TEXT, []).append(i)
-        elif document_too_large(text, rules.limits.max_doc_bytes):
-            problems.setdefault("document over the size limit", []).append(i)
-        elif _has_surrogates(text):
-            problems.setdefault("invalid UTF-8", []).append(i)
-        else:
+        problem = documents.text_problem(text, allow_empty=rules.allow_empty, max_bytes=rules.limits.max_doc_bytes)
+        if problem is None:
             keep.append(i)
+        else:
+            problems.setdefault(problem, []).append(i)
     return keep, problems
 
 
-def _has_surrogates(text: str) -> bool:
-    # msgpack strings are valid UTF-8, but a lone surrogate can still arrive (escaped JSON
-    # re-encoded); the tokenizer would reject the whole batch on it.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _token_problems(tokens: np.ndarray, lengths: np.ndarray, rules: DocumentRules
-                    ) -> tuple[list[int], dict[str, list[int]]]:
+def _token_problems(docs: TokenizedDocs, rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:
+    lengths, tokens = docs.lengths, docs.tokens
     too_long = lengths > rules.max_tokens if rules.max_tokens > 0 else np.zeros(lengths.shape, bool)
     out_of_vocab = np.zeros(lengths.shape, bool)
     if rules.vocab_size > 0 and tokens.size and int(tokens.max()) >= rules.vocab_size:
-        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-        out_of_vocab = np.add.reduceat((tokens >= rules.vocab_size).astype(np.int64), starts) > 0
+        out_of_vocab = np.add.reduceat((tokens >= rules.vocab_size).astype(np.int64), docs.offsets[:-1]) > 0
     problems: dict[str, list[int]] = {}
     if too_long.any():
         problems[f"more than max_seq_len ({rules.max_tokens}) token ids"] = np.flatnonzero(too_long).tolist()
@@ -205,15 +268,3 @@ def _token_problems(tokens: np.ndarray, lengths: np.ndarray, rules: DocumentRule
         problems[f"token id out of the model's vocabulary ({rules.vocab_size})"] = (
             np.flatnonzero(out_of_vocab & ~too_long).tolist())
     return np.flatnonzero(~(too_long | out_of_vocab)).tolist(), problems
-
-
-def _select_tokens(tokens: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
-                   keep: list[int]) -> TokenizedDocs:
-    if len(keep) == lengths.shape[0]:
-        return TokenizedDocs(tokens.astype(np.int32, copy=False), lengths.astype(np.int32, copy=False),
-                             truncated)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    index = np.asarray(keep, dtype=np.int64)
-    pieces = [tokens[offsets[i]:offsets[i + 1]] for i in index]
-    return TokenizedDocs(np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32),
-                         lengths[index].astype(np.int32), truncated[index])

@@ -14,13 +14,11 @@ reclaimed by another worker after the lease, so nothing is lost either way.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import itertools
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
@@ -30,34 +28,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import redis
 
 from embedq import deadletter
 from embedq.config import Settings
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
-from embedq.errors import EmbedqError, EngineError, OutputError
 from embedq.job import JobRecord, check_model, job_complete, live_workers
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
-from embedq.protocol import BatchMessage, encode_batch
-from embedq.tokenization import Encode, TokenizedDocs, Tokenizer
-from embedq.worker.commit import (
-    Committer,
-    Settlement,
-    Step,
-    commit_steps,
-    part_name,
-    reconcile,
-    write_manifest_file,
-)
+from embedq.tokenization import Encode, Tokenizer
+from embedq.worker.commit import Committer, PartCommit, Step, part_name, reconcile, write_manifest_file
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
+from embedq.worker.faults import FaultIsolation
 from embedq.worker.lease import InFlight, Lease
-from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir, describe_os_error
-from embedq.worker.pipeline import END, EngineStats, Work, embed_documents, embed_stream, non_finite_rows
-from embedq.worker.window import DocumentRules, Window, assemble, sort_by_length, tokenize
-from embedq.worker.writer import PartWriter, StagedPart, output_schema, part_metadata
+from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
+from embedq.worker.pipeline import END, EngineStats, Work, embed_stream
+from embedq.worker.signals import drain_on_signal
+from embedq.worker.window import DocumentRules, Window
+from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
 
@@ -138,7 +127,7 @@ class Worker:
         self.id = worker_id or new_worker_id()
         self.report = WorkerReport(worker=self.id)
         self.consumer = StreamConsumer(client, keys, self.id, int(options.lease_seconds * 1000))
-        self.committer = Committer(client, keys, self.id)
+        self.committer = Committer(client, keys, self.id, retry=self._redis)
         self.in_flight = InFlight()
         self.lease = Lease(client, keys, self.id, self.consumer, self.in_flight, options.lease_seconds,
                            self._status)
@@ -155,10 +144,15 @@ class Worker:
         self._started = time.monotonic()
         self._last_log = time.monotonic()
         self._state = "starting"
-        self._canary: TokenizedDocs | None = None
-        schema = output_schema(self.record.id_type, self.model.dim, self.options.output_dtype, part_metadata(
-            self.keys.job, self.model.describe(), self.engine.name, self.engine.config.precision))
-        self._writer = PartWriter(self.output, schema)
+        self.faults = FaultIsolation(
+            engine=engine, pad_id=model.pad_token_id,
+            canary=Tokenizer(model.tokenizer_file, model.max_seq_len).encode(["embedq canary"]),
+            committer=self.committer, in_flight=self.in_flight, count_failure=self._count_failure,
+            max_failures=options.max_failures, max_deliveries=options.max_deliveries, worker=self.id)
+        schema = output_schema(record.id_type, model.dim, options.output_dtype, part_metadata(
+            keys.job, model.describe(), engine.name, engine.config.precision))
+        self._writer = PartWriter(output, schema, disk_retry_seconds=options.disk_retry_seconds,
+                                  stopping=self._abort.is_set)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -171,14 +165,13 @@ class Worker:
                                 "recover parts left by earlier workers")
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
-        self._canary = Tokenizer(self.model.tokenizer_file, self.model.max_seq_len).encode(["embedq canary"])
-        restore = self._install_signals() if install_signals else contextlib.nullcontext()
+        signals = drain_on_signal(self._stop_reading.set) if install_signals else contextlib.nullcontext(bool)
         self.lease.start()
         fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
         committers = [threading.Thread(target=self._guard, args=(self._commit_loop,), name=f"embedq-commit-{i}",
                                        daemon=True) for i in range(max(1, self.options.commit_threads))]
         self._state = "running"
-        with restore:
+        with signals as signalled:
             fetcher.start()
             for thread in committers:
                 thread.start()
@@ -190,6 +183,7 @@ class Worker:
             finally:
                 self._drain([fetcher, *committers])
                 self.lease.stop()
+                self.report.stopped_by_signal = signalled()
         self.report.seconds = time.monotonic() - self._started
         if self._errors:
             raise self._errors[0]
@@ -264,46 +258,15 @@ class Worker:
         return idle_limit is not None and time.monotonic() - idle_since > idle_limit
 
     def _prepare(self, deliveries: list[Delivery]) -> Window:
-        """Decode, split poison batches, tokenize (a window may end up with nothing to embed, but
-        still with entries to settle)."""
-        window = assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
-        keep = []
-        for k, entry in enumerate(window.entries):
-            if window.deliveries[k] >= self.options.max_deliveries:
-                self._isolate_crash_poison(entry, window.messages[k], window.deliveries[k], window)
-            else:
-                keep.append(k)
-        if len(keep) != len(window.entries):
-            window.entries = [window.entries[k] for k in keep]
-            window.messages = [window.messages[k] for k in keep]
-            window.deliveries = [window.deliveries[k] for k in keep]
-        self.report.stages.fetched += sum(len(m) for m in window.messages)
-        window = tokenize(window, self._encode, self.rules, self.id)
-        sort_by_length(window)
+        """Decode, split crash suspects, tokenize and sort (a window may end up with nothing to
+        embed, but still with entries to settle)."""
+        window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
+        self.faults.split_crash_suspects(window)
+        self.report.stages.fetched += sum(len(e.message) for e in window.entries)
+        window.tokenize(self._encode, self.rules, self.id)
+        window.sort_by_length()
         self.report.stages.tokenized += len(window)
         return window
-
-    def _isolate_crash_poison(self, entry: str, message: BatchMessage, deliveries: int, window: Window) -> None:
-        """A batch delivered max_deliveries times without being settled kills or stalls its workers.
-
-        Split it in halves (new entries, fresh delivery counts) so the culprit is found in a few
-        rounds; a single document that still does so is dead-lettered with the delivery count.
-        """
-        n = len(message.ids)
-        if n > 1:
-            half = n // 2
-            payloads = [encode_batch(deadletter.subset(message, range(0, half))),
-                        encode_batch(deadletter.subset(message, range(half, n)))]
-            self._redis(lambda: self.committer.split(entry, payloads), "split a poison batch")
-            self.in_flight.discard([entry])
-            log.warning("batch %s (seq %d) was delivered %d times without being committed: split it in two",
-                        entry, message.seq, deliveries)
-            return
-        window.dead.append(deadletter.for_documents(
-            message, [0], entry_id=entry, reason="worker died processing it",
-            error=f"delivered {deliveries} times; every worker that took it died or stalled before committing",
-            worker=self.id, deliveries=deliveries))
-        window.dead_entries.append(entry)
 
     def _engine_loop(self) -> None:
         """Embed windows as they come, the engine's pipeline running across window boundaries."""
@@ -324,93 +287,20 @@ class Worker:
                 self._state = "embedding"
             return Work(window, window.tokens)
 
-        for window, result in embed_stream(self.engine, take, self.model.pad_token_id, stats=self.report.engine):
+        windows: Iterator[tuple[Window, np.ndarray | Exception]] = embed_stream(
+            self.engine, take, self.model.pad_token_id, stats=self.report.engine)
+        for window, result in windows:
             if self._abort.is_set():
                 return
             if len(window):
-                self._embedded(window, result)
+                self.faults.take_embeddings(window, result)
                 self.report.stages.embedded += len(window)
-                self.report.stages.tokens_embedded += int(window.tokens.lengths.sum())
+                self.report.stages.tokens_embedded += window.token_count
             self.lease.progressed()
             self._put(self._to_commit, window)
         if ended:
             for _ in range(max(1, self.options.commit_threads)):
                 self._put(self._to_commit, _END)
-
-    def _embedded(self, window: Window, result: np.ndarray | Exception) -> None:
-        """Take a window's embeddings; on a batch-level failure, find the documents at fault."""
-        if isinstance(result, Exception):
-            log.warning("embedding a window of %d documents failed (%s); isolating the cause", len(window), result)
-            window.embeddings, failed = self._embed_isolated(window, result)
-            if failed:
-                rows = np.array(sorted(failed), dtype=np.int64)
-                self._dead_documents(window, rows, "embedding failed", "; ".join(sorted(set(failed.values())))[:2000],
-                                     failures=self.options.max_failures)
-        else:
-            window.embeddings = result
-
-    def _embed_isolated(self, window: Window, first_error: Exception) -> tuple[np.ndarray, dict[int, str]]:
-        """Embed message by message, then document by document, retrying up to max_failures times.
-
-        Returns the embeddings and the documents that still fail, with their errors. If the engine
-        fails even on a canary document it is the engine, not the data: the worker stops rather
-        than dead-letter a whole corpus.
-        """
-        pad = self.model.pad_token_id
-        out = np.full((len(window), self.engine.dim), np.nan, dtype=np.float32)
-        failed: dict[int, str] = {}
-        for k, entry in enumerate(window.entries):
-            rows = np.flatnonzero(window.doc_msg == k)
-            if not rows.size:
-                continue
-            whole = self._attempt(functools.partial(embed_documents, self.engine, window.tokens, pad, indices=rows),
-                                  entry=entry)
-            if isinstance(whole, np.ndarray):
-                out[rows] = whole
-                continue
-            for row in rows:
-                result = self._attempt(
-                    functools.partial(embed_documents, self.engine, window.tokens, pad, indices=np.array([row])))
-                if isinstance(result, np.ndarray):
-                    out[row] = result[0]
-                else:
-                    failed[int(row)] = result
-        if failed:
-            canary = self._attempt(lambda: embed_documents(self.engine, self._canary_docs(), pad), tries=1)
-            if not isinstance(canary, np.ndarray):
-                raise EngineError(f"the engine fails even on a canary document ({canary}); first error: "
-                                  f"{first_error}. Stopping instead of dead-lettering the job.")
-        return out, failed
-
-    def _attempt(self, run: Callable[[], np.ndarray], *, entry: str | None = None,
-                 tries: int | None = None) -> np.ndarray | str:
-        error = ""
-        for _ in range(tries or self.options.max_failures):
-            try:
-                return run()
-            except EmbedqError:
-                raise
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if entry is not None:
-                    self._redis(lambda: self.client.hincrby(self.keys.failures, entry, 1), "count a failure")
-        return error
-
-    def _canary_docs(self) -> TokenizedDocs:
-        assert self._canary is not None
-        return self._canary
-
-    def _dead_documents(self, window: Window, rows: np.ndarray, reason: str, error: str,
-                        failures: int = 0) -> None:
-        """Move documents `rows` of the window to dead letters (grouped per message)."""
-        for k in np.unique(window.doc_msg[rows]):
-            message_rows = window.doc_row[rows[window.doc_msg[rows] == k]].tolist()
-            window.dead.append(deadletter.for_documents(
-                window.messages[k], message_rows, entry_id=window.entries[k], reason=reason, error=error,
-                worker=self.id, deliveries=window.deliveries[k], failures=failures))
-        keep = np.ones(len(window), dtype=bool)
-        keep[rows] = False
-        _keep_documents(window, keep)
 
     def _commit_loop(self) -> None:
         while not self._abort.is_set():
@@ -426,69 +316,31 @@ class Worker:
             self._log_progress()
 
     def _commit(self, window: Window) -> None:
-        if window.embeddings is not None:  # checked here, in a commit thread, off the engine's path
-            bad = non_finite_rows(window.embeddings)
-            if bad.size:
-                self._dead_documents(window, bad, "non-finite embedding",
-                                     "the model produced NaN or infinity for this document")
-        entries = list(window.all_entries)
-        dropped = 0
-
-        def rows_for(excluded: frozenset[str]) -> tuple[pa.Table | None, Settlement]:
-            nonlocal dropped
-            if excluded:
-                # Another worker settled some of these batches (this one lost its lease on them):
-                # drop them from the part and commit the rest under a new name.
-                before = len(window)
-                _drop_entries(window, set(excluded))
-                dropped += before - len(window)
-                log.info("%d batch(es) were committed by another worker; dropping %d duplicate documents",
-                         len(excluded), before - len(window))
-            table = None
-            if len(window):
-                assert window.embeddings is not None
-                table = self._writer.table(window.doc_ids, window.embeddings, window.tokens.lengths,
-                                           window.tokens.truncated)
-            return table, Settlement(entries=window.all_entries, seqs=sorted({m.seq for m in window.messages}),
-                                     tokens=int(window.tokens.lengths.sum()), dead=window.dead,
-                                     dead_entries=len(window.dead_entries))
-
-        def next_name() -> str:
-            with self._parts_lock:
-                return part_name(next(self._parts), self.id)
-
-        steps = commit_steps(
-            rows_for, self._stage,
-            lambda settlement: self._redis(lambda: self.committer.settle(settlement), "commit a part"),
-            self.output.publish, self.output.discard, next_name)
-        for step in steps:
+        self.faults.set_aside_non_finite(window)
+        entries = window.all_entry_ids
+        commit = PartCommit(window, self._writer, self.committer, self._next_part_name)
+        for step in commit.steps():
             with self._parts_lock:  # several commit threads add to the same counters
                 if step is Step.PUBLISHED:
                     self.report.parts += 1
                 elif step is Step.SETTLED:
                     self.report.documents += len(window)
                     self.report.stages.committed += len(window)
-                    self.report.tokens += int(window.tokens.lengths.sum())
-                    self.report.dead_documents += sum(len(d.doc_ids) for d in window.dead)
+                    self.report.tokens += window.token_count
+                    self.report.dead_documents += window.dead_documents
+                elif step is Step.DROPPED and commit.excluded:
+                    log.info("%d batch(es) were committed by another worker; dropping their documents here",
+                             len(commit.excluded))
         with self._parts_lock:
-            self.report.duplicates_dropped += dropped
+            self.report.duplicates_dropped += commit.dropped_documents
         self.in_flight.discard(entries)
 
-    def _stage(self, name: str, table: pa.Table) -> StagedPart:
-        deadline = time.monotonic() + self.options.disk_retry_seconds
-        delay = 1.0
-        while True:
-            try:
-                return self._writer.stage(name, table)
-            except OSError as exc:
-                message = describe_os_error(exc, self.output.path)
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or time.monotonic() > deadline \
-                        or self._abort.is_set():
-                    raise OutputError(message + " Nothing was acknowledged; the batches will be retried.") from exc
-                log.warning("%s Pausing %.0f s and retrying (gives up after %.0f s).", message, delay,
-                            self.options.disk_retry_seconds)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+    def _next_part_name(self) -> str:
+        with self._parts_lock:
+            return part_name(next(self._parts), self.id)
+
+    def _count_failure(self, entry: str) -> None:
+        self._redis(lambda: self.client.hincrby(self.keys.failures, entry, 1), "count a failure")
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -526,29 +378,6 @@ class Worker:
             with contextlib.suppress(redis.RedisError):
                 self.consumer.release(leftover)  # let another worker take them now, not after the lease
 
-    @contextlib.contextmanager
-    def _install_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handle(signum: int, _frame: Any) -> None:
-            if self._stop_reading.is_set() and self.report.stopped_by_signal:
-                log.warning("second signal: exiting now; uncommitted batches will be reclaimed")
-                os._exit(130)
-            log.warning("%s: finishing and committing what is in flight (send again to exit at once)",
-                        signal.Signals(signum).name)
-            self.report.stopped_by_signal = True
-            self._stop_reading.set()
-
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                # Once a stop was asked for, a further signal during the final steps exits at once.
-                signal.signal(sig, _exit_now if self.report.stopped_by_signal else handler)
-
     def _status(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._started)
         return {"host": socket.gethostname(), "pid": os.getpid(), "state": self._state,
@@ -566,34 +395,3 @@ class Worker:
         log.info("worker %s: %d documents, %d parts, %.0f docs/s, %.0f tokens/s, %d dead-lettered",
                  self.id, self.report.documents, self.report.parts, status["docs_per_s"],
                  status["tokens_per_s"], self.report.dead_documents)
-
-
-def _exit_now(signum: int, _frame: Any) -> None:
-    os._exit(130)
-
-
-def _keep_documents(window: Window, keep: np.ndarray) -> None:
-    """Restrict the window's documents (and their tokens and embeddings) to the `keep` mask."""
-    token_mask = np.repeat(keep, window.tokens.lengths)
-    window.tokens = TokenizedDocs(window.tokens.tokens[token_mask], window.tokens.lengths[keep],
-                                  window.tokens.truncated[keep])
-    window.doc_ids = [d for d, k in zip(window.doc_ids, keep, strict=True) if k]
-    window.doc_msg = window.doc_msg[keep]
-    window.doc_row = window.doc_row[keep]
-    if window.embeddings is not None:
-        window.embeddings = window.embeddings[keep]
-
-
-def _drop_entries(window: Window, gone: set[str]) -> None:
-    """Remove everything that belongs to entries settled elsewhere."""
-    keep_msgs = [k for k, e in enumerate(window.entries) if e not in gone]
-    keep_docs = np.isin(window.doc_msg, np.array(keep_msgs, dtype=np.int32))
-    _keep_documents(window, keep_docs)
-    remap = np.full(len(window.entries), -1, dtype=np.int32)
-    remap[keep_msgs] = np.arange(len(keep_msgs), dtype=np.int32)
-    window.doc_msg = remap[window.doc_msg]
-    window.entries = [window.entries[k] for k in keep_msgs]
-    window.messages = [window.messages[k] for k in keep_msgs]
-    window.deliveries = [window.deliveries[k] for k in keep_msgs]
-    window.dead = [d for d in window.dead if d.entry_id not in gone]
-    window.dead_entries = [e for e in window.dead_entries if e not in gone]

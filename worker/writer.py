@@ -9,8 +9,11 @@ embedq version and job, under keys `embedq.<name>`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedq import __version__
+from embedq.errors import OutputError
 from embedq.protocol import DocId
-from embedq.worker.output import OutputDir
+from embedq.worker.output import OutputDir, describe_os_error
+
+log = logging.getLogger("embedq.worker")
 
 METADATA_PREFIX = "embedq."
 
@@ -61,11 +67,20 @@ class StagedPart:
 
 
 class PartWriter:
-    """Writes parts of one job into an output directory."""
+    """Writes parts of one job into an output directory.
 
-    def __init__(self, output: OutputDir, schema: pa.Schema) -> None:
+    A full disk (ENOSPC, EDQUOT) is waited out for up to `disk_retry_seconds`, with backoff, since
+    space often comes back (a cleanup, a log rotation); any other write error, or a disk still full
+    after that, raises `OutputError`. Nothing is acknowledged before a part is staged, so either
+    way its batches are retried.
+    """
+
+    def __init__(self, output: OutputDir, schema: pa.Schema, *, disk_retry_seconds: float = 0.0,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.output = output
         self.schema = schema
+        self.disk_retry_seconds = disk_retry_seconds
+        self._stopping = stopping
         self._value_type = schema.field("embedding").type.value_type
         self._dim = schema.field("embedding").type.list_size
 
@@ -85,10 +100,23 @@ class PartWriter:
         )
 
     def stage(self, name: str, table: pa.Table) -> StagedPart:
-        """Write `table` to the staging name and fsync it; the part stays invisible to readers.
+        """Write `table` to the staging name and fsync it; the part stays invisible to readers."""
+        deadline = time.monotonic() + self.disk_retry_seconds
+        delay = 1.0
+        while True:
+            try:
+                return self._write(name, table)
+            except OSError as exc:
+                message = describe_os_error(exc, self.output.path)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or time.monotonic() > deadline or self._stopping():
+                    raise OutputError(message + " Nothing was acknowledged; the batches will be retried.") from exc
+                log.warning("%s Pausing %.0f s and retrying (gives up after %.0f s).", message, delay,
+                            self.disk_retry_seconds)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
-        A failed write removes the partial file and re-raises the OSError for the caller to judge.
-        """
+    def _write(self, name: str, table: pa.Table) -> StagedPart:
+        """One attempt; a failed write removes the partial file and re-raises the OSError."""
         path = self.output.staging(name)
         try:
             with path.open("wb") as handle:

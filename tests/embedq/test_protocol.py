@@ -9,7 +9,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embedq.errors import ProtocolError
-from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, decode_batch, encode_batch
+from embedq.protocol import (
+    BAD_TOKENS,
+    INVALID_UTF8,
+    MESSAGE_TOO_LARGE,
+    NO_DOCUMENTS,
+    NOT_A_BATCH,
+    NOT_MSGPACK,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_UNSUPPORTED,
+    SHAPE_MISMATCH,
+    WRONG_JOB,
+    BatchMessage,
+    Limits,
+    decode_batch,
+    encode_batch,
+)
 
 LIMITS = Limits(max_message_bytes=1 << 20, max_doc_bytes=1000, max_docs=100)
 
@@ -45,53 +60,56 @@ def test_a_pretokenized_batch_carries_arrays_and_round_trips() -> None:
     assert got_truncated.tolist() == [False, True]
 
 
-BAD_MESSAGES = {
-    "not msgpack": (b"\xc1\xc1garbage", "not valid msgpack"),
-    "not a map": (msgspec.msgpack.encode([1, 2, 3]), "does not match the batch schema"),
-    "wrong schema version": (raw(text_message(v=SCHEMA_VERSION + 1)), "schema version"),
-    "old schema version with other fields": (raw({"v": 0, "docs": []}), "schema version 0"),
-    "wrong job": (raw(text_message(job="other")), "belongs to job 'other'"),
-    "missing ids": (raw({k: v for k, v in text_message().items() if k != "ids"}), "missing required field"),
-    "missing seq": (raw({k: v for k, v in text_message().items() if k != "seq"}), "missing required field"),
-    "unknown field": (raw(text_message(extra=1)), "unknown field"),
-    "ids of the wrong type": (raw(text_message(ids=[1.5, 2.5])), "got `float`"),
-    "boolean ids": (raw(text_message(ids=[True, False])), "got `bool`"),
-    "no documents": (raw(text_message(ids=[], texts=[])), "no documents"),
-    "too many documents": (raw(text_message(ids=list(range(101)), texts=["x"] * 101)), "over the limit of 100"),
-    "more ids than texts": (raw(text_message(ids=["a", "b", "c"])), "3 ids but 2 texts"),
-    "negative sequence number": (raw(text_message(seq=-1)), "negative sequence"),
+BAD_MESSAGES = {  # case: (payload, the reason code it is refused with)
+    "not msgpack": (b"\xc1\xc1garbage", NOT_MSGPACK),
+    "not a map": (msgspec.msgpack.encode([1, 2, 3]), NOT_A_BATCH),
+    "wrong schema version": (raw(text_message(v=SCHEMA_VERSION + 1)), SCHEMA_VERSION_UNSUPPORTED),
+    "old schema version with other fields": (raw({"v": 0, "docs": []}), SCHEMA_VERSION_UNSUPPORTED),
+    "wrong job": (raw(text_message(job="other")), WRONG_JOB),
+    "missing ids": (raw({k: v for k, v in text_message().items() if k != "ids"}), NOT_A_BATCH),
+    "missing seq": (raw({k: v for k, v in text_message().items() if k != "seq"}), NOT_A_BATCH),
+    "unknown field": (raw(text_message(extra=1)), NOT_A_BATCH),
+    "ids of the wrong type": (raw(text_message(ids=[1.5, 2.5])), NOT_A_BATCH),
+    "boolean ids": (raw(text_message(ids=[True, False])), NOT_A_BATCH),
+    "no documents": (raw(text_message(ids=[], texts=[])), NO_DOCUMENTS),
+    "too many documents": (raw(text_message(ids=list(range(101)), texts=["x"] * 101)), MESSAGE_TOO_LARGE),
+    "more ids than texts": (raw(text_message(ids=["a", "b", "c"])), SHAPE_MISMATCH),
+    "negative sequence number": (raw(text_message(seq=-1)), NOT_A_BATCH),
     "both texts and tokens": (raw(text_message(tokens=b"\0\0\0\0", lengths=b"\1\0\0\0\1\0\0\0",
-                                               truncated=b"\0\0")), "both texts and token ids"),
+                                               truncated=b"\0\0")), NOT_A_BATCH),
     "neither texts nor tokens": (raw({k: v for k, v in text_message().items() if k != "texts"}),
-                                 "neither texts nor token ids"),
+                                 NOT_A_BATCH),
     "token lengths that do not add up": (raw(text_message(texts=None, tokens=b"\0" * 8, lengths=b"\5\0\0\0\1\0\0\0",
-                                                          truncated=b"\0\0")), "do not add up"),
+                                                          truncated=b"\0\0")), SHAPE_MISMATCH),
     "zero-length token document": (raw(text_message(texts=None, tokens=b"\0" * 4, lengths=b"\0\0\0\0\1\0\0\0",
-                                                    truncated=b"\0\0")), "no token ids"),
+                                                    truncated=b"\0\0")), BAD_TOKENS),
     "negative token id": (raw(text_message(texts=None, tokens=b"\xff\xff\xff\xff" * 2,
-                                           lengths=b"\1\0\0\0\1\0\0\0", truncated=b"\0\0")), "negative token"),
-    "text that is not a string": (raw(text_message(texts=[1, 2])), "Expected `str`"),
+                                           lengths=b"\1\0\0\0\1\0\0\0", truncated=b"\0\0")), BAD_TOKENS),
+    "text that is not a string": (raw(text_message(texts=[1, 2])), NOT_A_BATCH),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MESSAGES))
 def test_a_bad_message_is_refused_with_its_reason(case: str) -> None:
-    payload, reason = BAD_MESSAGES[case]
-    with pytest.raises(ProtocolError, match=reason):
+    payload, code = BAD_MESSAGES[case]
+    with pytest.raises(ProtocolError) as refused:
         decode_batch(payload, job="j", limits=LIMITS)
+    assert refused.value.code == code, str(refused.value)
 
 
 def test_an_oversized_message_is_refused_before_it_is_parsed() -> None:
     payload = raw(text_message(texts=["x" * 600, "y" * 600]))
-    with pytest.raises(ProtocolError, match="over the limit"):
+    with pytest.raises(ProtocolError, match="over the limit") as refused:
         decode_batch(payload, job="j", limits=Limits(max_message_bytes=1000, max_doc_bytes=10**6))
+    assert refused.value.code == MESSAGE_TOO_LARGE
 
 
 def test_invalid_utf8_inside_a_text_is_refused() -> None:
     good = raw(text_message(texts=["AAAA", "BBBB"]))
     broken = good.replace(b"AAAA", b"\xff\xfe\xfd\xfc")
-    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+    with pytest.raises(ProtocolError, match="not valid UTF-8") as refused:
         decode_batch(broken, job="j", limits=LIMITS)
+    assert refused.value.code == INVALID_UTF8
 
 
 def test_a_pickle_payload_is_never_unpickled() -> None:

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedq.engines.base import Profile
+from embedq.engines.profiles import profile_table
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.buckets import pad_batch, plan_buckets
-from embedq.engines.profiles import profile_table
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,20 @@ from embedq.engines.base import Engine
 from embedq.job import JobRecord
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo, load_model_info
-from embedq.protocol import PAYLOAD_FIELD, Limits
+from embedq.protocol import (
+    BAD_TOKENS,
+    INVALID_UTF8,
+    MESSAGE_TOO_LARGE,
+    NO_DOCUMENTS,
+    NO_PAYLOAD,
+    NOT_A_BATCH,
+    NOT_MSGPACK,
+    PAYLOAD_FIELD,
+    SCHEMA_VERSION_UNSUPPORTED,
+    SHAPE_MISMATCH,
+    WRONG_JOB,
+    Limits,
+)
 from embedq.verify import verify_job
 from tests.embedq.test_cli import embedq
 from tests.support import produce, run_worker, write_jsonl
@@ -36,6 +49,7 @@ N_DOCS = 600
 LIMITS = Limits(max_message_bytes=64 << 10, max_doc_bytes=4096)  # small, so "oversized" stays cheap
 VOCAB = 30522  # MiniLM's vocabulary, which the tiny model shares
 CLS, SEP = 101, 102
+SCHEMA = "message does not match the batch schema"  # embedq's words; what follows them is msgspec's
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,8 @@ class BadEntry:
 
     name: str
     fields: dict[bytes, bytes]
-    error: str  # a fragment of the dead letter's error
+    error: str  # a fragment of the dead letter's error, in embedq's own words
+    code: str = ""  # for a refused message, the dead letter's reason code (`embedq.protocol`)
     bad_ids: tuple[str, ...] = ()  # documents dead-lettered one by one (the rest of the message is embedded)
     good_ids: tuple[str, ...] = ()  # documents of the same message that must reach the output
 
@@ -92,53 +107,56 @@ def bad_entries(job: str, marker: Path) -> list[BadEntry]:
     surrogate_raw = msgspec.msgpack.encode(message(job, ["bad-surrogate"], ["BBBB"]))
     return [
         # The message itself is unusable: the whole entry is dead-lettered, not replayable.
-        BadEntry("not msgpack", {PAYLOAD_FIELD: b"\xc1\xc1\xc1"}, "not valid msgpack"),
-        BadEntry("truncated msgpack", {PAYLOAD_FIELD: msgspec.msgpack.encode(ok)[:-4]}, "truncated"),
-        BadEntry("msgpack array, not a map", entry([1, job, 0, 0, ["x"], ["x"]]), "Expected `object`, got `array`"),
-        BadEntry("msgpack nil", entry(None), "Expected `object`, got `None`"),
-        BadEntry("wrong schema version", entry({**ok, "v": 2}), "schema version 2 is not supported"),
-        BadEntry("wrong job", entry({**ok, "job": "someone-else"}), "belongs to job 'someone-else'"),
-        BadEntry("missing field", entry({k: v for k, v in ok.items() if k != "ids"}),
-                 "missing required field `ids`"),
-        BadEntry("unknown field", entry({**ok, "priority": 1}), "unknown field `priority`"),
-        BadEntry("field of the wrong type", entry({**ok, "seq": "7"}), "Expected `int`, got `str`"),
-        BadEntry("negative sequence number", entry({**ok, "seq": -1}), "negative sequence number"),
+        BadEntry("not msgpack", {PAYLOAD_FIELD: b"\xc1\xc1\xc1"}, "not valid msgpack", code=NOT_MSGPACK),
+        BadEntry("truncated msgpack", {PAYLOAD_FIELD: msgspec.msgpack.encode(ok)[:-4]}, "not valid msgpack",
+                 code=NOT_MSGPACK),
+        BadEntry("msgpack array, not a map", entry([1, job, 0, 0, ["x"], ["x"]]), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("msgpack nil", entry(None), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("wrong schema version", entry({**ok, "v": 2}), "schema version 2 is not supported",
+                 code=SCHEMA_VERSION_UNSUPPORTED),
+        BadEntry("wrong job", entry({**ok, "job": "someone-else"}), "belongs to job 'someone-else'", code=WRONG_JOB),
+        BadEntry("missing field", entry({k: v for k, v in ok.items() if k != "ids"}), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("unknown field", entry({**ok, "priority": 1}), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("field of the wrong type", entry({**ok, "seq": "7"}), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("negative sequence number", entry({**ok, "seq": -1}), "negative sequence number", code=NOT_A_BATCH),
         BadEntry("oversized message",
                  entry(message(job, [f"m{i}" for i in range(30)], ["y" * 2500] * 30)),
-                 f"over the limit of {LIMITS.max_message_bytes}"),
+                 f"over the limit of {LIMITS.max_message_bytes}", code=MESSAGE_TOO_LARGE),
         BadEntry("oversized document", entry(message(job, ["huge", "ok-9"], ["z" * 5000, "fine"])),
                  "document over the size limit", bad_ids=("huge",), good_ids=("ok-9",)),
         BadEntry("invalid UTF-8 in a msgpack str", {PAYLOAD_FIELD: text_raw.replace(b"AAAA", b"\xff\xfeAA")},
-                 "not valid UTF-8"),
+                 "not valid UTF-8", code=INVALID_UTF8),
         BadEntry("lone surrogate (CESU-8 bytes)", {PAYLOAD_FIELD: surrogate_raw.replace(b"BBBB", b"\xed\xa0\x80B")},
-                 "not valid UTF-8"),
-        BadEntry("boolean id", entry(message(job, [True], ["x"])), "got `bool`"),
-        BadEntry("float id", entry(message(job, [1.5], ["x"])), "got `float`"),
-        BadEntry("null id", entry(message(job, [None], ["x"])), "got `None`"),
-        BadEntry("text that is not a string", entry(message(job, ["x"], [12])), "Expected `str`, got `int`"),
+                 "not valid UTF-8", code=INVALID_UTF8),
+        BadEntry("boolean id", entry(message(job, [True], ["x"])), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("float id", entry(message(job, [1.5], ["x"])), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("null id", entry(message(job, [None], ["x"])), SCHEMA, code=NOT_A_BATCH),
+        BadEntry("text that is not a string", entry(message(job, ["x"], [12])), SCHEMA, code=NOT_A_BATCH),
         BadEntry("msgpack extension type as text", entry(message(job, ["x"], [msgspec.msgpack.Ext(5, b"..")])),
-                 "got `ext`"),
+                 SCHEMA, code=NOT_A_BATCH),
         BadEntry("ids and texts of different lengths", entry(message(job, ["a", "b"], ["only one"])),
-                 "2 ids but 1 texts"),
-        BadEntry("no documents", entry(message(job, [], [])), "holds no documents"),
+                 "2 ids but 1 texts", code=SHAPE_MISMATCH),
+        BadEntry("no documents", entry(message(job, [], [])), "holds no documents", code=NO_DOCUMENTS),
         BadEntry("texts and token ids both", entry(message(job, ["x"], ["x"], **tokens([[CLS, SEP]]))),
-                 "both texts and token ids"),
-        BadEntry("neither texts nor token ids", entry(message(job, ["x"])), "neither texts nor token ids"),
+                 "both texts and token ids", code=NOT_A_BATCH),
+        BadEntry("neither texts nor token ids", entry(message(job, ["x"])), "neither texts nor token ids",
+                 code=NOT_A_BATCH),
         BadEntry("token lengths not matching the token array",
                  entry(message(job, ["x", "y"], **tokens([[CLS, 7, SEP], [CLS, SEP]], lengths=[3, 9]))),
-                 "do not add up"),
+                 "do not add up", code=SHAPE_MISMATCH),
         BadEntry("token arrays not matching the documents",
                  entry(message(job, ["x", "y"], **{**tokens([[CLS, SEP], [CLS, SEP]]), "truncated": b"\0"})),
-                 "do not match the number of documents"),
+                 "do not match the number of documents", code=SHAPE_MISMATCH),
         # Mean pooling over zero tokens is 0/0: the one NaN-producing input; refused before the engine.
         BadEntry("pretokenized document with zero tokens",
-                 entry(message(job, ["x", "y"], **tokens([[CLS, SEP], []]))), "no token ids"),
-        BadEntry("negative token id", entry(message(job, ["x"], **tokens([[CLS, -3, SEP]]))), "negative token id"),
-        BadEntry("entry without a payload field", {b"other": b"hello"}, "no payload field"),
+                 entry(message(job, ["x", "y"], **tokens([[CLS, SEP], []]))), "no token ids", code=BAD_TOKENS),
+        BadEntry("negative token id", entry(message(job, ["x"], **tokens([[CLS, -3, SEP]]))), "negative token id",
+                 code=BAD_TOKENS),
+        BadEntry("entry without a payload field", {b"other": b"hello"}, "no payload field", code=NO_PAYLOAD),
         BadEntry("pickle payload (protocol 5)", {PAYLOAD_FIELD: pickle.dumps(OpensAFile(marker), protocol=5)},
-                 "does not match the batch schema"),
+                 SCHEMA, code=NOT_A_BATCH),
         BadEntry("pickle payload (protocol 0)", {PAYLOAD_FIELD: pickle.dumps(OpensAFile(marker), protocol=0)},
-                 "does not match the batch schema"),
+                 SCHEMA, code=NOT_A_BATCH),
         # One document is unusable: it alone is dead-lettered, its batch-mate is embedded.
         BadEntry("empty text", entry(message(job, ["bad-empty", "ok-empty"], ["", good])), "empty text",
                  bad_ids=("bad-empty",), good_ids=("ok-empty",)),
@@ -205,6 +223,7 @@ def test_every_bad_entry_is_dead_lettered_with_its_reason_and_the_rest_of_the_jo
         (dead,) = letters[entry_id]
         letter = dead.letter
         assert case.error in letter.error, f"{case.name}: {letter.error!r}"
+        assert letter.code == case.code, f"{case.name}: {letter.code!r}"
         assert letter.worker == report.worker and letter.deliveries == 1, case.name
         if case.bad_ids:
             assert case.error in letter.reason and letter.doc_ids == list(case.bad_ids), case.name

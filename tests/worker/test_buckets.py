@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedq.engines.base import Profile
-from embedq.worker.buckets import pad_batch, padding_ratio, plan_buckets
 from embedq.engines.profiles import fit_seq_lens, profile_table, sequence_padding
+from embedq.worker.buckets import pad_batch, padding_ratio, plan_buckets
 
 lengths_strategy = st.lists(st.integers(min_value=1, max_value=256), min_size=0, max_size=400).map(
     lambda xs: np.array(xs, dtype=np.int32))
@@ -107,32 +107,3 @@ def test_fitted_lengths_keep_the_real_corpora_under_ten_percent(corpus_dir, mode
         assert sequence_padding(lengths, fitted) <= 1.10
         default = [p.max_seq_len for p in profile_table(model_info.max_seq_len, 1 << 16)]
         assert sequence_padding(lengths, fitted) <= sequence_padding(lengths, default)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=30), min_size=1, max_size=5))
-def test_sorting_a_window_by_length_keeps_every_document_with_its_own_ids(messages: list[list[int]]) -> None:
-    from embedq.tokenization import TokenizedDocs
-    from embedq.worker.window import Window, sort_by_length
-
-    # document (k, r) has length messages[k][r] and every one of its ids is 1000 * k + r
-    lengths = np.array([n for message in messages for n in message], dtype=np.int32)
-    owners = [(k, r) for k, message in enumerate(messages) for r in range(len(message))]
-    tokens = np.concatenate([np.full(n, 1000 * k + r, np.int32) for (k, r), n in zip(owners, lengths, strict=True)]
-                            or [np.zeros(0, np.int32)])
-    window = Window(entries=[], messages=[], deliveries=[], doc_ids=[f"{k}/{r}" for k, r in owners],
-                    doc_msg=np.array([k for k, _ in owners], np.int32),
-                    doc_row=np.array([r for _, r in owners], np.int32),
-                    tokens=TokenizedDocs(tokens, lengths, lengths % 3 == 0))
-    sort_by_length(window)
-    docs = window.tokens
-    assert (np.diff(docs.lengths) >= 0).all()
-    assert sorted(window.doc_ids) == sorted(f"{k}/{r}" for k, r in owners)
-    for i, doc_id in enumerate(window.doc_ids):
-        k, r = int(window.doc_msg[i]), int(window.doc_row[i])
-        assert doc_id == f"{k}/{r}" and docs.lengths[i] == messages[k][r]
-        assert docs.truncated[i] == (messages[k][r] % 3 == 0)
-        assert (docs.tokens[docs.offsets[i]:docs.offsets[i + 1]] == 1000 * k + r).all()
-    place = list(zip(window.doc_msg.tolist(), window.doc_row.tolist(), strict=True))
-    for i in range(len(docs) - 1):  # a stable sort: documents of equal length keep their order
-        assert docs.lengths[i] < docs.lengths[i + 1] or place[i] < place[i + 1]

@@ -93,12 +93,12 @@ def test_a_worker_starting_never_deletes_a_part_that_a_worker_whose_lease_lapsed
     documents gone. Recovery must fence such a part off in Redis before deleting it."""
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
+    from embedq.engines.profiles import profile_table
+    from embedq.job import live_workers
     from embedq.model import load_model_info
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
-    from embedq.job import live_workers
     from embedq.verify import verify_job
-    from embedq.engines.profiles import profile_table
     from embedq.worker.commit import Settlement, SettleResult, reconcile
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions

@@ -18,22 +18,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedq.keys import GROUP, JobKeys
-from embedq.protocol import SCHEMA_VERSION, BatchMessage, encode_batch
-from embedq.worker.commit import Committer, Settlement, Step, commit_steps, part_name, reconcile
+from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, encode_batch
+from embedq.tokenization import TokenizedDocs
+from embedq.worker.commit import Committer, PartCommit, Step, part_name, reconcile
 from embedq.worker.consumer import ensure_group
 from embedq.worker.output import open_output
+from embedq.worker.window import DocumentRules, Entry, Window
 from embedq.worker.writer import PartWriter, output_schema
 from tests.conftest import REDIS_URL
 
 ENTRIES = 4
 DOCS_PER_ENTRY = 3
 DIM = 4
+RULES = DocumentRules(limits=Limits(), id_type="string")
 CRASH_POINTS = ["before write", "mid write", "after fsync", "after settle", "no crash",
                 "stalls after fsync"]  # alive, but its lease lapses: resumes after another worker's recovery
 
 attempt = st.tuples(st.sampled_from(["A", "B", "C"]),
                     st.sets(st.integers(0, ENTRIES - 1), min_size=1, max_size=ENTRIES),
                     st.sampled_from(CRASH_POINTS))
+
+
+def five_tokens_each(texts: list[str]) -> TokenizedDocs:
+    n = len(texts)
+    return TokenizedDocs(np.full(5 * n, 7, np.int32), np.full(n, 5, np.int32), np.zeros(n, bool))
 
 
 class Harness:
@@ -72,16 +80,10 @@ class Harness:
         stop_after = {"after fsync": Step.STAGED, "stalls after fsync": Step.STAGED, "after settle": Step.SETTLED,
                       "no crash": None}[crash]
         committer = Committer(self.client, self.keys, worker)
-
-        def rows_for(excluded: frozenset[str]):  # type: ignore[no-untyped-def]
-            kept = [e for e in entries if e not in excluded]
-            ids = [doc for e in kept for doc in self.messages[e].ids]
-            table = self.writer.table(ids, np.ones((len(ids), DIM), np.float32), np.full(len(ids), 5),
-                                      np.zeros(len(ids), bool)) if ids else None
-            return table, Settlement(entries=kept, seqs=[self.messages[e].seq for e in kept])
-
-        steps = commit_steps(rows_for, self.writer.stage, committer.settle, self.output.publish,
-                             self.output.discard, lambda: part_name(next(self.counter), worker))
+        window = Window(entries=[Entry(e, self.messages[e], 1) for e in entries])
+        window.tokenize(five_tokens_each, RULES, worker)
+        window.docs.embeddings = np.ones((len(window), DIM), np.float32)
+        steps = PartCommit(window, self.writer, committer, lambda: part_name(next(self.counter), worker)).steps()
         for step in steps:
             if step is stop_after:
                 if crash == "stalls after fsync":

@@ -162,8 +162,8 @@ def test_a_rename_that_fails_after_the_commit_stops_the_worker_and_the_next_one_
         redis_client, keys, tiny, source, tmp_path: Path, monkeypatch) -> None:
     from embedq.engines import create_engine
     from embedq.engines.base import EngineConfig
-    from embedq.worker import output as output_module
     from embedq.engines.profiles import profile_table
+    from embedq.worker import output as output_module
 
     record = produce(redis_client, keys, tiny, source, batch_size=50)[0]
     original = output_module.os.replace

@@ -13,8 +13,8 @@ import pytest
 
 from embedq.engines import create_engine
 from embedq.engines.base import EngineConfig
-from embedq.keys import JobKeys
 from embedq.engines.profiles import profile_table
+from embedq.keys import JobKeys
 from tests.support import produce, read_output, run_worker, write_jsonl
 
 torch = pytest.importorskip("torch")

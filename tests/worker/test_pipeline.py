@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from embedq.engines.base import EngineBase, EngineConfig, Profile
-from embedq.tokenization import TokenizedDocs, Tokenizer, TokenizerPool
 from embedq.engines.profiles import profile_table
+from embedq.tokenization import TokenizedDocs, Tokenizer, TokenizerPool
 from embedq.worker.pipeline import END, EngineStats, Work, embed_documents, embed_stream
 
 

@@ -1,0 +1,52 @@
+"""Graceful shutdown: the first SIGTERM or SIGINT drains the worker, a second one exits at once.
+
+After a first signal the worker stops reading and finishes and commits what is in flight (contract
+8). A second signal exits with 130 at once: what was not committed stays pending in Redis and is
+reclaimed by another worker after the lease, so nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger("embedq.worker")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def drain_on_signal(stop: Callable[[], None]) -> Iterator[Callable[[], bool]]:
+    """While inside, a first signal calls `stop`; a second exits the process with 130. Yields a
+    function that tells whether a signal came. Outside the main thread (where Python cannot
+    install handlers) it does nothing."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received.is_set
+        return
+
+    def handle(signum: int, _frame: Any) -> None:
+        if received.is_set():
+            log.warning("second signal: exiting now; uncommitted batches will be reclaimed")
+            os._exit(130)
+        log.warning("%s: finishing and committing what is in flight (send again to exit at once)",
+                    signal.Signals(signum).name)
+        received.set()
+        stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield received.is_set
+    finally:
+        for sig, handler in previous.items():
+            # Once a stop was asked for, a further signal during the final steps exits at once.
+            signal.signal(sig, _exit_now if received.is_set() else handler)
+
+
+def _exit_now(signum: int, _frame: Any) -> None:
+    os._exit(130)
