@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
+
 from embedq.errors import EngineError
 
 from .base import Engine, EngineConfig

@@ -31,3 +31,33 @@ def cuda_device_count() -> int:
     except ImportError:
         return 0
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def torch_runtime() -> dict[str, str]:
+    """torch's version and, where torch sees one, the current CUDA GPU's name (for benchmark records);
+    empty without torch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    info = {"torch": str(torch.__version__)}
+    if torch.cuda.is_available():
+        info["gpu"] = str(torch.cuda.get_device_name())
+    return info
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start counting `peak_memory_allocated` afresh on a CUDA `device`; nothing on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_allocated(device: str) -> int | None:
+    """The most bytes torch has held on a CUDA `device` since the last reset; None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device))

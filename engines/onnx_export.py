@@ -22,10 +22,9 @@ import os
 import warnings
 from pathlib import Path
 
+from embedq.durable import atomic_path
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
-
-from embedq.durable import atomic_path
 
 from .cache import model_cache_dir
 

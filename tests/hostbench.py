@@ -126,12 +126,12 @@ def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_doc
     import redis as redis_lib
 
     from embedq.bench import load_corpus, write_corpus
+    from embedq.engines.profiles import fit_seq_lens, profile_table
     from embedq.keys import JobKeys
     from embedq.model import default_model_path, load_model_info
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
     from embedq.tokenization import Tokenizer, TokenizerPool, default_tokenizer_processes
-    from embedq.engines.profiles import fit_seq_lens, profile_table
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions
 

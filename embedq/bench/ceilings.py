@@ -1,0 +1,81 @@
+"""The ceilings around an end-to-end run: the tokenizer alone, the engine alone (GPU-only), and the
+baseline people use, sentence-transformers `encode`, on the same texts and model."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from embedq.engines.base import Engine, Pending
+    from embedq.model import ModelInfo
+    from embedq.tokenization import Encode, TokenizedDocs
+
+
+def measure_tokenizers(model: ModelInfo, texts: list[str], processes: int) -> dict[str, float]:
+    """The tokenizer alone: `tokenizers` with all cores (rayon), and embedq's process pool."""
+    from embedq.tokenization import Tokenizer, TokenizerPool
+
+    out = _time_encode("all_cores", Tokenizer(model.tokenizer_file, model.max_seq_len).encode, texts)
+    if processes > 0:
+        with TokenizerPool(model.tokenizer_file, model.max_seq_len, processes) as pool:
+            out.update(_time_encode("pool", pool.encode, texts))
+    return out
+
+
+def _time_encode(name: str, encode: Encode, texts: list[str]) -> dict[str, float]:
+    """`{name}_tokens_per_s` and `{name}_docs_per_s` of `encode` over `texts`, after a warm-up call."""
+    encode(texts[:1000])
+    started = time.perf_counter()
+    docs = encode(texts)
+    seconds = time.perf_counter() - started
+    return {f"{name}_tokens_per_s": float(docs.lengths.sum()) / seconds, f"{name}_docs_per_s": len(texts) / seconds}
+
+
+def measure_gpu_only(engine: Engine, docs: TokenizedDocs, pad_id: int) -> tuple[float, float, float]:
+    """The engine alone on the same buckets, every batch padded in host memory beforehand:
+    (tokens/s, docs/s, padding ratio)."""
+    from embedq.worker.buckets import pad_batch, padding_ratio, plan_buckets
+
+    buckets = plan_buckets(docs.lengths, engine.profiles)
+    offsets = docs.offsets
+    batches = [pad_batch(docs.tokens, offsets, docs.lengths, b.rows, b.profile.max_seq_len, pad_id)
+               for b in buckets]
+
+    def one_pass() -> float:
+        started = time.perf_counter()
+        pending: list[Pending] = []
+        for ids, lengths in batches:
+            pending.append(engine.submit(ids, lengths))
+            if len(pending) >= 2:
+                pending.pop(0).result()
+        for item in pending:
+            item.result()
+        return time.perf_counter() - started
+
+    one_pass()  # warm-up: every shape once (kernel choice, allocator, autotuning)
+    seconds = one_pass()
+    return float(docs.lengths.sum()) / seconds, len(docs) / seconds, padding_ratio(docs.lengths, buckets)
+
+
+def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: int, device: str,
+                                  precision: str) -> tuple[float, float]:
+    """sentence-transformers `encode` on the same texts, batch 256 for short texts, 128 for long."""
+    # The baseline is sentence-transformers on torch as people run it, so torch directly here.
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model.path), device=device)
+    st = st.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+    st.max_seq_length = model.max_seq_len
+    batch = 256 if tokens / max(1, len(texts)) < 64 else 128
+    st.encode(texts[:512], batch_size=batch)
+    started = time.perf_counter()
+    st.encode(texts, batch_size=batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    del st
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return tokens / seconds, len(texts) / seconds

@@ -1,0 +1,70 @@
+"""`embedq bench` as a whole: every scenario of corpora x models x tokenize modes on one Redis, then
+the precision check, the JSON results, the plot and the table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from embedq.bench.corpus import load_corpus
+from embedq.bench.end_to_end import run_scenario
+from embedq.bench.plot import plot
+from embedq.bench.precision import precision_check
+from embedq.bench.random_model import build_random_model
+from embedq.bench.report import render, save_results
+from embedq.bench.scenarios import Result, Scenario
+from embedq.model import load_model_info
+
+log = logging.getLogger("embedq.bench")
+
+
+@contextlib.contextmanager
+def bench_redis(url: str | None) -> Iterator[str]:
+    """The named Redis, or a private one (with nothing else in it, so its memory figures are ours)."""
+    from embedq.connection import RedisServer
+
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list[str], *, repeat: int,
+              limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
+              tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
+              check_precision: bool, cuda_graphs: bool, model_path: str | None,
+              out_dir: Path | None = None) -> list[Result]:
+    """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
+    base = load_model_info(model_path)
+    results: list[Result] = []
+    precision_report: dict[str, float] | None = None
+    with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp, bench_redis(redis_url) as url:
+        work = Path(tmp)
+        for model_name in models:
+            model = base if model_name == "minilm" else load_model_info(
+                build_random_model(work / model_name, model_name, base))
+            for corpus_name, corpus_path in corpora:
+                for mode in tokenize:
+                    scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
+                                        repeat=repeat, limit=limit, device=device, precision=precision,
+                                        cuda_graphs=cuda_graphs)
+                    log.info("bench: %s", scenario.label)
+                    result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
+                                          tokenizer_processes=tokenizer_processes,
+                                          baselines=baselines and mode == tokenize[0],
+                                          token_budget=token_budget, window_docs=window_docs)
+                    results.append(result)
+                    log.info("bench: %s", json.dumps(result.summary()))
+                    save_results(json_path, results, None)  # a run cut short still leaves what it measured
+        if check_precision and device.startswith("cuda"):
+            texts = [t for _, path in corpora for t in load_corpus(path, 1, limit)[1]]
+            precision_report = precision_check(base, texts, device, token_budget)
+    save_results(json_path, results, precision_report)
+    plot({r.scenario.label: r.timeline for r in results}, plot_path)
+    print(render(results, precision_report))
+    return results
