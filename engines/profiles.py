@@ -8,6 +8,7 @@ suits text in general.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,3 +85,36 @@ def fit_seq_lens(lengths: np.ndarray, max_seq_len: int, *, target_waste: float =
     least = min(cost[k][last] for k in range(1, max_profiles + 1))
     k = next(k for k in range(1, max_profiles + 1) if cost[k][last] == least)
     return boundaries(k, last)
+
+
+@dataclass(frozen=True)
+class SeqLenProposal:
+    """A sample's token lengths summed up, and the bucket lengths proposed for it (`embedq profile`)."""
+
+    documents: int
+    tokens: int
+    mean: float
+    percentiles: dict[int, int]  # 50, 90, 99 -> token length
+    max: int
+    truncated: int  # documents cut at max_seq_len
+    max_seq_len: int
+    default_seq_lens: tuple[int, ...]  # the default table's lengths for this model
+    default_padding: float  # padded over real tokens with the default lengths
+    seq_lens: tuple[int, ...]  # the proposed lengths (`--seq-lens`)
+    padding: float  # padded over real tokens with the proposed lengths
+
+
+def propose_seq_lens(lengths: np.ndarray, truncated: np.ndarray, max_seq_len: int, *,
+                     target_waste: float = 0.10) -> SeqLenProposal:
+    """Bucket lengths for documents of token `lengths` (`truncated`: which were cut at `max_seq_len`)
+    that pad at most `target_waste` over the real tokens, compared with the default table."""
+    if lengths.size == 0:
+        raise ValueError("no lengths to propose bucket lengths for")
+    default = tuple(p.max_seq_len for p in profile_table(max_seq_len, 1 << 16))
+    proposed = fit_seq_lens(lengths, max_seq_len, target_waste=target_waste)
+    return SeqLenProposal(
+        documents=int(lengths.size), tokens=int(lengths.sum()), mean=float(lengths.mean()),
+        percentiles={p: int(np.percentile(lengths, p)) for p in (50, 90, 99)}, max=int(lengths.max()),
+        truncated=int(truncated.sum()), max_seq_len=max_seq_len,
+        default_seq_lens=default, default_padding=sequence_padding(lengths, default),
+        seq_lens=proposed, padding=sequence_padding(lengths, proposed))

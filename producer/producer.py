@@ -211,7 +211,7 @@ class Producer:
                 replayable=replayable))
         return letters
 
-    def _redis(self, call: Callable[[], object], what: str):
+    def _redis(self, call: Callable[[], Any], what: str) -> Any:
         return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what, log=log.warning,
                            stopping=self.stopping)
 

@@ -1,0 +1,112 @@
+"""The `embedq` command line.
+
+    embedq run SOURCE --out DIR            embed a corpus end to end on this machine
+    embedq produce SOURCE --job NAME       publish a corpus as a job
+    embedq work --job NAME --out DIR       embed a job's batches (run one per GPU, on any node)
+    embedq status --job NAME               counts, workers and throughput
+    embedq verify --job NAME --out DIR     every id exactly once, right dimension, finite values
+    embedq dead-letter list|replay         inspect and replay documents set aside
+    embedq gc --job NAME --out DIR         remove orphan parts
+    embedq delete --job NAME               remove a job's keys from Redis
+
+Settings come from flags, then `EMBEDQ_*` variables, then `embedq.toml`. Exit codes: 0 success,
+1 unexpected error, 2 usage, 3 source, 4 model, 5 Redis, 6 output, 7 job mismatch, 8 verification
+failed, 10 engine, 130 interrupted.
+
+This module holds the app, the commands' registration and the mapping of errors to exit codes; the
+commands live in `jobs` (produce, work, run), `admin` (status, verify, dead-letter, gc, delete),
+`profile` and `bench`, their options in `options`, and flags become settings in `settings`. Modules
+import their heavy libraries (torch, pyarrow, the wings) inside the commands, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from embedq import __version__
+from embedq.cli import admin, bench, jobs, profile
+from embedq.errors import EmbedqError, RedisUnavailable
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="embedq",
+    help="Bulk text embedding over Redis streams: producers publish batches, workers embed them into "
+         "Parquet, every document exactly once.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dead_app = typer.Typer(help="Inspect and replay dead-lettered documents.", no_args_is_help=True,
+                       rich_markup_mode="markdown")
+app.add_typer(dead_app, name="dead-letter")
+
+# In the order `embedq --help` lists them.
+for command in (jobs.produce, jobs.work, jobs.run, profile.profile, bench.bench, admin.status, admin.verify,
+                admin.gc, admin.delete):
+    app.command()(command)
+dead_app.command("list")(admin.dead_list)
+dead_app.command("replay")(admin.dead_replay)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"embedq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("httpx", "urllib3", "transformers", "torch"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning embedq's errors into a message and an exit code."""
+    import redis
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        code = app(standalone_mode=False)
+    except EmbedqError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except redis.exceptions.NoPermissionError as exc:
+        typer.echo(f"error: Redis refused a command ({exc}). The Redis user needs access to this job's keys "
+                   "(~PREFIX:*, see --key-prefix) and to the commands listed in the README's security section.",
+                   err=True)
+        sys.exit(RedisUnavailable.exit_code)
+    except redis.exceptions.RedisError as exc:
+        typer.echo(f"error: Redis failed: {exc}", err=True)
+        sys.exit(RedisUnavailable.exit_code)
+    except Exception as exc:
+        # Usage errors of click (typer carries its own copy of click, so match by shape, not class).
+        exit_code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "show") and isinstance(exit_code, int):
+            exc.show()
+            sys.exit(exit_code)
+        raise
+    # standalone_mode=False makes click return the code of a typer.Exit instead of raising it.
+    sys.exit(code if isinstance(code, int) else 0)

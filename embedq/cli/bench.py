@@ -1,0 +1,100 @@
+"""`embedq bench`: the benchmark's options and their checks; the benchmark itself is `embedq.bench`.
+
+Its options are its own, not settings: a benchmark states every number it ran with, whatever the
+environment or `embedq.toml` say.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedq.cli.options import RedisOpt
+from embedq.errors import UsageError
+
+_CORPORA = ["passages", "glosses"]
+_MODELS = ["minilm", "bert-base"]
+_TOKENIZE_MODES = ["producer", "worker"]
+
+
+def bench(
+    corpus: Annotated[list[str] | None, typer.Option(
+        "--corpus", help="glosses, passages (from --corpus-dir) or NAME=PATH of a Parquet file with id and text "
+        "columns; repeatable. Default: both.", show_default=False)] = None,
+    corpus_dir: Annotated[str | None, typer.Option(
+        "--corpus-dir", help="Where glosses.parquet and passages.parquet are (python shared/corpus/make.py DIR "
+        "builds them). Default: EMBEDQ_CORPUS_DIR or ~/.cache/embedq-test-corpus.", show_default=False)] = None,
+    model_names: Annotated[list[str] | None, typer.Option(
+        "--model", help="minilm (the real all-MiniLM-L6-v2), bert-base or tiny (random weights of that shape, "
+        "for speed only); repeatable. Default: minilm and bert-base.", show_default=False)] = None,
+    model_path: Annotated[str | None, typer.Option(
+        "--model-path", help="Directory of the MiniLM weights. Default: the bundled model.",
+        show_default=False)] = None,
+    tokenize: Annotated[list[str] | None, typer.Option(
+        "--tokenize", help="Where tokenization happens: worker, producer (--pretokenize); repeatable. Default: both.",
+        show_default=False)] = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Corpus copies (ids made distinct).")] = 1,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N documents of a corpus.",
+                                              show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cuda:N or cpu.")] = "cuda",
+    precision: Annotated[str, typer.Option("--precision", help="fp16, bf16 or fp32.")] = "fp16",
+    token_budget: Annotated[int, typer.Option("--token-budget", help="Padded tokens per engine batch.")] = 65536,
+    window_docs: Annotated[int, typer.Option("--window-docs", help="Documents per window and part.")] = 32768,
+    tokenizer_processes: Annotated[int | None, typer.Option(
+        "--tokenizer-processes", help="Tokenizer pool size. Default: all cores but two.", show_default=False)] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
+                                              help="Capture a CUDA graph per profile.")] = True,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",
+                                            help="Also time sentence-transformers and the tokenizer alone.")] = True,
+    check_precision: Annotated[bool, typer.Option(
+        "--check-precision", help="Also compare fp16 and bf16 with fp32 on every document (GPU).")] = False,
+    json_out: Annotated[str, typer.Option("--json", help="Where to write the results.")] = "bench.json",
+    plot_out: Annotated[str, typer.Option("--plot", help="Where to draw throughput per stage.")] = "bench.png",
+    out_dir: Annotated[str | None, typer.Option(
+        "--out-dir", help="Where the worker writes its Parquet parts (fsynced). Default: a temporary directory.",
+        show_default=False)] = None,
+    replot: Annotated[list[str] | None, typer.Option(
+        "--replot", help="Only draw --plot again from saved --json results (repeatable); runs nothing.",
+        show_default=False)] = None,
+    redis: RedisOpt = None,
+) -> None:
+    """Measure end-to-end throughput on this machine against the GPU-only ceiling, sentence-transformers
+    and the tokenizer alone; print a table, write JSON and a plot."""
+    from embedq.bench import SHAPES, run_bench
+
+    if replot:
+        from embedq.bench import replot as draw
+
+        draw([Path(p) for p in replot], Path(plot_out))
+        return
+    corpora = _corpora(corpus or _CORPORA, corpus_dir)
+    models = model_names or _MODELS
+    for name in models:
+        if name != "minilm" and name not in SHAPES:
+            raise UsageError(f"--model {name!r}: choose minilm or one of {', '.join(SHAPES)}")
+    modes = tokenize or _TOKENIZE_MODES
+    if set(modes) - set(_TOKENIZE_MODES):
+        raise UsageError("--tokenize takes worker or producer")
+    processes = tokenizer_processes if tokenizer_processes is not None else max(1, (os.cpu_count() or 2) - 2)
+    run_bench(corpora, models, modes, repeat=repeat, limit=limit, device=device, precision=precision,
+              redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
+              baselines=baselines, token_budget=token_budget, window_docs=window_docs,
+              check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
+              out_dir=Path(out_dir) if out_dir else None)
+
+
+def _corpora(items: list[str], corpus_dir: str | None) -> list[tuple[str, Path]]:
+    """(name, Parquet file) of each --corpus: NAME=PATH, or NAME.parquet in the corpus directory."""
+    base = Path(corpus_dir or os.environ.get("EMBEDQ_CORPUS_DIR") or Path.home() / ".cache" / "embedq-test-corpus")
+    corpora = []
+    for item in items:
+        name, _, path = item.partition("=")
+        resolved = Path(path) if path else base / f"{name}.parquet"
+        if not resolved.is_file():
+            raise UsageError(f"corpus {name!r}: {resolved} does not exist; build it with "
+                             f"`python shared/corpus/make.py {base}` or pass NAME=PATH.")
+        corpora.append((name, resolved))
+    return corpora

@@ -1,0 +1,338 @@
+"""The commands that move a job: `produce` publishes a source, `work` embeds it, `run` does both here.
+
+Each command's parameters are its flags; they become settings through `settings_from(ctx)`, so a
+flag is named in its signature only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import typer
+
+from embedq.cli.options import (
+    AllowDupOpt,
+    AllowEmptyOpt,
+    BackendOpt,
+    BacklogOpt,
+    BatchSizeOpt,
+    DeliveriesOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FailuresOpt,
+    FormatOpt,
+    GraphsOpt,
+    IdFieldOpt,
+    JobOpt,
+    LeaseOpt,
+    MaxDocOpt,
+    MaxSeqOpt,
+    ModelOpt,
+    NormalizeOpt,
+    OutOpt,
+    PoolingOpt,
+    PrecisionOpt,
+    PrefixOpt,
+    PretokOpt,
+    RedisOpt,
+    SeqLensOpt,
+    ShutdownOpt,
+    SourceArg,
+    TextFieldOpt,
+    TextUnitOpt,
+    ThreadsOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TokenBudgetOpt,
+    TokProcOpt,
+    WindowOpt,
+)
+from embedq.cli.settings import connect, job_keys, load_model, settings_from, source_spec
+from embedq.config import Settings
+from embedq.errors import JobMismatch, UsageError
+
+if TYPE_CHECKING:
+    import redis
+
+    from embedq.engines.base import Engine
+    from embedq.job import JobRecord
+    from embedq.keys import JobKeys
+    from embedq.model import ModelInfo
+    from embedq.producer.producer import Producer
+    from embedq.producer.sources import Source
+    from embedq.tokenization import Encode
+    from embedq.worker.output import OutputDir
+    from embedq.worker.worker import Worker
+
+log = logging.getLogger("embedq")
+_Status = TypeVar("_Status")
+
+
+# -- produce --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _producer(client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo, settings: Settings,
+              stopping: Callable[[], bool] = lambda: False) -> Iterator[Producer]:
+    """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
+    from embedq.producer.producer import Producer, ProducerOptions
+    from embedq.tokenization import TokenizerPool
+
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if settings.pretokenize:
+            processes = settings.tokenizer_processes
+            if processes is None:
+                processes = max(0, (os.cpu_count() or 1) - 1)
+            pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
+        yield Producer(client, keys, source, model, ProducerOptions.from_settings(settings), tokenizer=pool,
+                       stopping=stopping)
+
+
+def produce(
+    ctx: typer.Context,
+    source: SourceArg,
+    job: JobOpt,
+    fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
+    text_unit: TextUnitOpt = "line",
+    model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
+    batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
+    allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None, pretokenize: PretokOpt = None,
+    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """Publish SOURCE as job NAME: batches go to the job's Redis stream for workers to embed.
+
+    Safe to kill and run again: it resumes after the last batch it published, never twice.
+    """
+    from embedq.producer.sources import open_source
+    from embedq.progress import ProgressReport
+
+    settings = settings_from(ctx)
+    client = connect(settings)
+    keys = job_keys(job, settings)
+    info = load_model(settings)
+    with open_source(source_spec(ctx.params)) as src, _producer(client, keys, src, info, settings) as producer:
+        record = producer.prepare()
+        with ProgressReport(f"produce {job}", record.documents) as bar:
+            report = producer.run(progress=lambda done, total: bar.update(done))
+    if report.already_done:
+        typer.echo(f"job {job}: already fully produced ({record.documents:,} documents); nothing to do")
+        return
+    typer.echo(f"job {job}: published {report.published_documents:,} documents in {report.batches:,} batches "
+               f"({report.rejected:,} dead-lettered by the producer) in {report.seconds:.1f} s"
+               + (f", resumed at document {report.resumed_from:,}" if report.resumed_from else ""))
+
+
+# -- work -----------------------------------------------------------------------------------------
+
+def _wait_for_job(client: redis.Redis, keys: JobKeys, wait: bool) -> JobRecord:
+    from embedq import job as job_record
+
+    record = job_record.load(client, keys)
+    announced = False
+    while record is None and wait:
+        if not announced:
+            log.info("job %s does not exist yet; waiting for a producer to create it", keys.job)
+            announced = True
+        time.sleep(1.0)
+        record = job_record.load(client, keys)
+    if record is None:
+        raise UsageError(f"Job {keys.job!r} does not exist; run `embedq produce SOURCE --job {keys.job}` first.")
+    return record
+
+
+def _worker_model(settings: Settings, record: JobRecord) -> ModelInfo:
+    """The model a worker loads: --model, else the job's model path if it exists here, else the default."""
+    if settings.model is not None:
+        return load_model(settings)
+    from embedq.model import load_model_info
+
+    path = record.model_path if Path(record.model_path).is_dir() else None
+    info = load_model_info(path, pooling=record.pooling, normalize=record.normalize,
+                           max_seq_len=record.max_seq_len)
+    if info.digest != record.model_digest:
+        raise JobMismatch(
+            f"Job {record.job!r} was produced with model {record.model} ({record.model_digest}), which is not at "
+            f"{record.model_path} on this machine. Pass --model with a copy of it."
+        )
+    return info
+
+
+def _engine(settings: Settings, info: ModelInfo) -> Engine:
+    """The engine the settings ask for (policy: `engines.factory`); not yet started."""
+    from embedq.engines.factory import EngineSpec, engine_for
+
+    return engine_for(info, EngineSpec.from_settings(settings))
+
+
+@contextlib.contextmanager
+def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Encode]:
+    """The worker's tokenizer: a pool of processes on GPU nodes, in-process on CPU nodes."""
+    from embedq.tokenization import TokenizerPool, default_tokenizer_processes
+
+    processes = settings.tokenizer_processes
+    if processes is None:
+        processes = default_tokenizer_processes(device)
+    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes) as pool:
+        yield pool.encode
+
+
+@contextlib.contextmanager
+def _worker(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
+            settings: Settings) -> Iterator[Worker]:
+    """A worker with its engine and tokenizer, both started (and stopped after the block)."""
+    from embedq.worker.worker import Worker, WorkerOptions
+
+    with _engine(settings, info) as engine, _tokenizer(settings, info, engine.config.device) as encode:
+        yield Worker(client, keys, record, info, engine, output, WorkerOptions.from_settings(settings),
+                     encode=encode)
+
+
+def work(
+    ctx: typer.Context,
+    job: JobOpt, out: OutOpt,
+    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None,
+    tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None,
+    lease_seconds: LeaseOpt = None, max_failures: FailuresOpt = None, max_deliveries: DeliveriesOpt = None,
+    shutdown_timeout: ShutdownOpt = None, output_dtype: DtypeOpt = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
+    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """Embed job NAME's batches into DIR until the job is complete.
+
+    Run any number of workers on the same job (one per GPU). SIGTERM finishes and commits what is in
+    flight, then exits 0; a killed worker's batches are taken over by the others after the lease.
+    """
+    from embedq.job import check_model
+    from embedq.worker.output import open_output
+
+    settings = settings_from(ctx)
+    client = connect(settings)
+    keys = job_keys(job, settings)
+    output = open_output(out)
+    record = _wait_for_job(client, keys, wait)
+    info = _worker_model(settings, record)
+    check_model(record, info)  # before the engine: building one can take minutes
+    with _worker(client, keys, record, info, output, settings) as worker:
+        report = worker.run()
+    state = "job complete" if report.job_complete else ("stopped by signal" if report.stopped_by_signal
+                                                        else "stopped")
+    typer.echo(f"worker {report.worker}: {report.documents:,} documents in {report.parts:,} parts, "
+               f"{report.dead_documents:,} dead-lettered, {report.seconds:.1f} s ({state})")
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+def run(
+    ctx: typer.Context,
+    source: SourceArg,
+    out: OutOpt,
+    job: Annotated[str | None, typer.Option("--job", "-j", help="Job name. Default: derived from the source, "
+                                            "so running again resumes.", show_default=False)] = None,
+    fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
+    text_unit: TextUnitOpt = "line",
+    model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
+    batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
+    allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None,
+    backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, threads: ThreadsOpt = None,
+    token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
+    cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, output_dtype: DtypeOpt = None,
+    pretokenize: PretokOpt = None, redis: RedisOpt = None, key_prefix: PrefixOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+) -> None:
+    """Embed SOURCE into DIR end to end on this machine (producer and worker in one process).
+
+    Uses the Redis at --redis / EMBEDQ_REDIS_URL (default 127.0.0.1:6379) if one answers, otherwise
+    starts a private redis-server for the run.
+    """
+    from embedq.connection import redis_for_run
+    from embedq.producer.sources import open_source
+    from embedq.progress import ProgressReport
+    from embedq.status import read_status
+    from embedq.worker.output import open_output
+
+    settings = settings_from(ctx)
+    output = open_output(out)
+    info = load_model(settings)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open_source(source_spec(ctx.params)))
+        url = stack.enter_context(redis_for_run(settings.redis_url, log=log.info))
+        settings = settings_from(ctx, redis_url=url)  # the Redis that answered, or the private one
+        client = connect(settings)
+        scan = src.scan()
+        name = job or _default_job_name(source, scan.fingerprint)
+        keys = job_keys(name, settings)
+        producer = stack.enter_context(_producer(client, keys, src, info, settings))
+        producer.scan = scan
+        record = producer.prepare()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop), daemon=True,
+                                     name="embedq-producer")
+        producer.stopping = stop.is_set
+        with _worker(client, keys, record, info, output, settings) as worker:
+            publisher.start()
+            with ProgressReport(f"embed {name}", record.documents) as bar, _poll(
+                    lambda: read_status(client, keys), lambda s: bar.update(s.settled_documents, s.tokens)):
+                try:
+                    report = worker.run()
+                finally:
+                    stop.set()
+                    publisher.join(timeout=30)
+        if failure:
+            raise failure[0]
+        final = read_status(client, keys)
+    typer.echo(f"job {name}: {final.committed_documents:,} documents embedded, {final.dead_documents:,} "
+               f"dead-lettered, {report.parts:,} parts in {output.path} ({report.seconds:.1f} s, "
+               f"{report.documents / max(report.seconds, 1e-9):,.0f} docs/s)")
+    if final.dead_documents:
+        typer.echo(f"dead letters (ids and reasons) are listed in {output.path / '_dead_letters.jsonl'}")
+    if not report.job_complete:
+        raise typer.Exit(130 if report.stopped_by_signal else 1)
+
+
+def _run_guarded(call: Callable[[], object], failure: list[BaseException], stop: threading.Event) -> None:
+    """Run `call` (the producer's thread); on any failure, keep it for the main thread and set `stop`."""
+    try:
+        call()
+    except BaseException as exc:
+        failure.append(exc)
+        stop.set()
+
+
+@contextlib.contextmanager
+def _poll(read: Callable[[], _Status], show: Callable[[_Status], object], every: float = 0.5) -> Iterator[None]:
+    """Call show(read()) every `every` seconds in a thread while the block runs."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(every):
+            with contextlib.suppress(Exception):
+                show(read())
+
+    thread = threading.Thread(target=loop, daemon=True, name="embedq-progress")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            show(read())
+
+
+def _default_job_name(source: str, fingerprint: str) -> str:
+    """A job name from the source's name and fingerprint, so running `run` again resumes the same job."""
+    stem = "stdin" if source == "-" else Path(source.rstrip("/")).name.split(".")[0]
+    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-._")[:40] or "job"
+    return f"{clean}-{fingerprint.split(':')[-1][:8]}"
