@@ -57,7 +57,11 @@ class Settings:
     # without them at 38k (the engine thread's per-kernel Python dispatch starves under the other
     # threads; `embedq bench`, 2026-11-28). Only used on CUDA.
     cuda_graphs: bool = True
-    window_docs: int = 16384  # documents sorted and bucketed together, and written as one part
+    window_docs: int = 16384  # at most this many documents sorted and bucketed together, and written as one part
+    # ... and about this many seconds of engine work: a window closes at whichever comes first, so a
+    # CPU worker (hundreds of documents a second) commits every few seconds and keeps its lease,
+    # while a GPU worker fills whole windows. Measured speed decides; capped at a third of the lease.
+    window_seconds: float = 5.0
     prefetch: int = 2  # windows prepared ahead of the engine
     commit_threads: int = 2  # parts written in parallel
     lease_seconds: float = 30.0
@@ -89,6 +93,8 @@ class Settings:
                 raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_deliveries < 2:
             raise UsageError("max-deliveries must be at least 2 (the first delivery counts as one)")
+        if self.window_seconds <= 0:
+            raise UsageError(f"window-seconds must be positive, got {self.window_seconds}")
         if self.lease_seconds < 1:
             raise UsageError(f"lease-seconds must be at least 1, got {self.lease_seconds}")
         if self.output_dtype not in ("float32", "float16"):

@@ -54,7 +54,15 @@ class JobKeys:
 
     @property
     def producer_lock(self) -> str:
+        """Held (with a TTL, renewed) while a producer runs: a job not fully produced whose lock is
+        gone has stalled, and `status` says which command finishes it."""
         return self._key("producer:lock")
+
+    @property
+    def ledger(self) -> str:
+        """The stream entries embedq itself added (hash: entry id -> sequence number): written by
+        the publish, split and replay scripts in the step that adds the entry (`embedq.ledger`)."""
+        return self._key("ledger")
 
     @property
     def manifest(self) -> str:
@@ -89,6 +97,16 @@ class JobKeys:
     def worker_lease(self, worker_id: str) -> str:
         """A worker's lease: exists while the worker is alive (TTL = lease time)."""
         return self._key(f"lease:{worker_id}")
+
+    @property
+    def crashes(self) -> str:
+        """Workers that died while working on a stream entry (hash: entry id -> count)."""
+        return self._key("crashes")
+
+    def worker_working(self, worker_id: str) -> str:
+        """The entries a worker is working on now (set): tokenizing or embedding, not merely holding.
+        A reclaimed entry found here after its worker's lease lapsed counts as a crash on it."""
+        return self._key(f"working:{worker_id}")
 
     def all_patterns(self) -> list[str]:
         return [self._key("*")]

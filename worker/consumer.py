@@ -1,8 +1,12 @@
 """Reading the batch stream as one consumer of the group: new entries, and reclaimed ones.
 
-New entries come from XREADGROUP; entries left pending by a dead or stalled worker for longer than
-the lease come back through XAUTOCLAIM, with their delivery count, so poison batches can be told
-apart from batches whose worker was merely killed.
+New entries come from XREADGROUP. Entries left pending by another worker for longer than the lease
+(it died or stalled) are claimed back one by one with XCLAIM, in a script that also counts a
+*crash* on an entry when its worker's lease is gone and the entry was in that worker's working set
+(being tokenized or embedded, not merely held). Only crashes, never deliveries, count against a
+batch: a worker killed by someone else while it holds innocent batches blames none of them. A
+worker never reclaims its own entries: if its lease lapsed while it was working on them, it still
+has them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,34 @@ from embedq.protocol import PAYLOAD_FIELD
 
 @dataclass(frozen=True)
 class Delivery:
-    """One stream entry handed to this worker; `raw` is None if the entry's payload field is absent."""
+    """One stream entry handed to this worker; `raw` is None if the entry's payload field is absent.
+    `crashes`: workers that died while working on it."""
 
     entry_id: str
     raw: bytes | None
     deliveries: int
+    crashes: int = 0
+
+
+_RECLAIM = """
+-- KEYS: 1 stream, 2 crashes, then for each previous owner its lease key and its working set
+-- ARGV: 1 group, 2 this consumer, 3 min idle ms, then pairs (entry id, owner index from 1)
+-- Claims each entry still idle past the lease (XCLAIM checks that atomically, so two workers never
+-- both win one) and counts a crash on it if its owner's lease is gone and it was working on it.
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id, owner = ARGV[i], tonumber(ARGV[i + 1])
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)
+  if #claimed > 0 and claimed[1] then
+    local lease, working = KEYS[1 + 2 * owner], KEYS[2 + 2 * owner]
+    if redis.call('EXISTS', lease) == 0 and redis.call('SISMEMBER', working, id) == 1 then
+      redis.call('HINCRBY', KEYS[2], id, 1)
+    end
+    out[#out + 1] = claimed[1]
+  end
+end
+return out
+"""
 
 
 def ensure_group(client: redis.Redis, keys: JobKeys) -> None:
@@ -41,7 +68,7 @@ class StreamConsumer:
         self.keys = keys
         self.consumer = consumer
         self.lease_ms = lease_ms
-        self._cursor = "0-0"
+        self._reclaim = client.register_script(_RECLAIM)
 
     def read_new(self, count: int, block_ms: int) -> list[Delivery]:
         """Up to `count` entries never delivered before (waits up to `block_ms` for the first)."""
@@ -51,30 +78,31 @@ class StreamConsumer:
             return []
         return [Delivery(_text(entry_id), fields.get(PAYLOAD_FIELD), 1) for entry_id, fields in reply[0][1]]
 
-    def reclaim(self, count: int) -> tuple[list[Delivery], list[str]]:
-        """Entries idle for longer than the lease, now owned by this consumer, with delivery counts.
-
-        Also returns ids that were pending but are gone from the stream (trimmed by someone else);
-        those are acknowledged here, since there is nothing left to process.
-        """
-        cursor, claimed, deleted = self._autoclaim(count)
-        self._cursor = cursor
-        deleted_ids = [_text(d) for d in deleted]
-        if deleted_ids:
-            self.client.xack(self.keys.stream, GROUP, *deleted_ids)
+    def reclaim(self, count: int) -> list[Delivery]:
+        """Up to `count` entries other workers left idle past the lease, now owned by this consumer,
+        with their delivery and crash counts (see the module docstring)."""
+        rows = self.client.xpending_range(self.keys.stream, GROUP, min="-", max="+", count=count * 4 + 16,
+                                          idle=self.lease_ms)
+        taken = [(_text(r["message_id"]), _text(r["consumer"]), int(r["times_delivered"])) for r in rows
+                 if _text(r["consumer"]) != self.consumer][:count]
+        if not taken:
+            return []
+        owners = sorted({owner for _, owner, _ in taken})
+        index = {owner: k + 1 for k, owner in enumerate(owners)}
+        keys = [self.keys.stream, self.keys.crashes]
+        for owner in owners:
+            keys += [self.keys.worker_lease(owner), self.keys.worker_working(owner)]
+        args: list[object] = [GROUP, self.consumer, self.lease_ms]
+        for entry_id, owner, _ in taken:
+            args += [entry_id, index[owner]]
+        claimed = self._reclaim(keys=keys, args=args)
         if not claimed:
-            return [], deleted_ids
-        counts = self.delivery_counts([_text(e) for e, _ in claimed])
-        return [Delivery(_text(e), (f or {}).get(PAYLOAD_FIELD), counts.get(_text(e), 2))
-                for e, f in claimed], deleted_ids
-
-    def _autoclaim(self, count: int) -> tuple[str, list, list]:
-        reply = self.client.execute_command(
-            "XAUTOCLAIM", self.keys.stream, GROUP, self.consumer, self.lease_ms, self._cursor, "COUNT", count)
-        cursor = _text(reply[0])
-        claimed = [(e, _fields(f)) for e, f in reply[1] if e is not None]
-        deleted = list(reply[2]) if len(reply) > 2 else []
-        return cursor, claimed, deleted
+            return []
+        delivered = {entry_id: times for entry_id, _, times in taken}
+        ids = [_text(entry[0]) for entry in claimed]
+        crashes = self.client.hmget(self.keys.crashes, ids)
+        return [Delivery(entry_id, _fields(entry[1]).get(PAYLOAD_FIELD), delivered.get(entry_id, 1) + 1,
+                         int(crash or 0)) for entry_id, entry, crash in zip(ids, claimed, crashes, strict=True)]
 
     def delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         """How often each of these pending entries (owned by this consumer) has been delivered."""

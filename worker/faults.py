@@ -3,10 +3,13 @@
 Two kinds of fault reach a worker:
 
 - **A batch that kills or stalls its workers** (a segfault in a tokenizer, an out-of-memory kill):
-  no error is ever seen, only a delivery count that keeps growing. A batch delivered
-  `max_deliveries` times without being committed is split in halves, as new stream entries with
-  fresh delivery counts, so the culprit is found in a few rounds; a single document that still
-  does so is dead-lettered with its delivery count.
+  no error is ever seen; what counts is how many workers died while *working* on it (tokenizing or
+  embedding it, recorded in Redis as they go; consumer.py counts a crash when it reclaims such an
+  entry), never how often it was delivered, so a worker killed by someone else blames nothing it
+  merely held. A batch with one crash is embedded in a window of its own (worker.py); one with
+  `max_deliveries` crashes is split in halves, as new stream entries with fresh counts, so the
+  culprit is found in a few rounds; only a single document that workers still die on is
+  dead-lettered.
 - **A batch whose embedding raises**: the window is embedded again message by message, then
   document by document, each tried up to `max_failures` times; what still fails is dead-lettered
   with its error. If the engine fails even on a canary document, the engine is at fault, not the
@@ -55,9 +58,9 @@ class FaultIsolation:
     # -- batches that kill their workers ---------------------------------------------------------
 
     def split_crash_suspects(self, window: Window) -> None:
-        """Take the entries delivered `max_deliveries` times out of a (not yet tokenized) window:
+        """Take the entries that `max_deliveries` workers died on out of a (not yet tokenized) window:
         split each in two, or dead-letter it if it holds one document."""
-        for entry in window.split_off(lambda e: e.deliveries >= self.max_deliveries):
+        for entry in window.split_off(lambda e: e.crashes >= self.max_deliveries):
             self._isolate(entry, window)
 
     def _isolate(self, entry: Entry, window: Window) -> None:
@@ -68,12 +71,14 @@ class FaultIsolation:
                         encode_batch(deadletter.subset(message, range(half, n)))]
             self.committer.split(entry.entry_id, payloads)
             self.in_flight.discard([entry.entry_id])
-            log.warning("batch %s (seq %d) was delivered %d times without being committed: split it in two",
-                        entry.entry_id, message.seq, entry.deliveries)
+            log.warning("batch %s (seq %d): %d workers died while working on it; split it in two (%d and %d "
+                        "documents) to find the culprit", entry.entry_id, message.seq, entry.crashes, half, n - half)
             return
+        log.warning("document %r (batch %s): %d workers died while working on it alone; dead-lettered",
+                    message.ids[0], entry.entry_id, entry.crashes)
         window.dead_letter_entry(entry.entry_id, deadletter.for_documents(
             message, [0], entry_id=entry.entry_id, reason="worker died processing it",
-            error=f"delivered {entry.deliveries} times; every worker that took it died or stalled before committing",
+            error=f"{entry.crashes} workers died or stalled while working on this document alone",
             worker=self.worker, deliveries=entry.deliveries))
 
     # -- batches whose embedding fails -----------------------------------------------------------

@@ -8,6 +8,7 @@ entries over (XAUTOCLAIM) instead of waiting for it forever.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -47,11 +48,62 @@ class InFlight:
             return len(self._ids)
 
 
+class WorkingSet:
+    """The entries this worker is working on (tokenizing or embedding), mirrored in Redis.
+
+    Counted per entry, since a window can be on the engine while the next one is being tokenized.
+    When the worker dies, whoever reclaims an entry found here counts a crash on it (consumer.py);
+    entries the worker merely holds (prepared, waiting for the engine or the commit) are not here.
+    """
+
+    # The set outlives a killed worker until its entries are reclaimed; a day bounds what is left.
+    TTL_SECONDS = 86400
+
+    def __init__(self, client: redis.Redis, keys: JobKeys, worker: str,
+                 call: Callable[[Callable[[], Any], str], Any]) -> None:
+        self.client = client
+        self.key = keys.worker_working(worker)
+        self._call = call  # runs a Redis call, retrying outages
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, ids: list[str]) -> None:
+        with self._lock:
+            new = [i for i in ids if self._counts[i] == 0]
+            self._counts.update(ids)
+        if new:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sadd(self.key, *new)
+            pipe.expire(self.key, self.TTL_SECONDS)
+            self._call(pipe.execute, "record the entries being worked on")
+
+    def discard(self, ids: list[str]) -> None:
+        with self._lock:
+            self._counts.subtract(ids)
+            gone = [i for i in set(ids) if self._counts[i] <= 0]
+            for i in gone:
+                del self._counts[i]
+        if gone:
+            self._call(lambda: self.client.srem(self.key, *gone), "record the entries being worked on")
+
+    def clear(self) -> None:
+        """Forget everything (a clean exit: nothing was being worked on when the worker stopped)."""
+        with self._lock:
+            self._counts.clear()
+        self.client.delete(self.key)
+
+
 class Lease:
-    """The heartbeat thread of one worker."""
+    """The heartbeat thread of one worker.
+
+    `progress` is a counter that grows with every step the worker takes (documents fetched,
+    tokenized, engine batches, commits): the lease is renewed only while it grows, so a worker in
+    the middle of a long window keeps its lease batch by batch, and a stuck one loses it.
+    """
 
     def __init__(self, client: redis.Redis, keys: JobKeys, worker: str, consumer: StreamConsumer,
-                 in_flight: InFlight, lease_seconds: float, status: Callable[[], dict[str, Any]]) -> None:
+                 in_flight: InFlight, lease_seconds: float, status: Callable[[], dict[str, Any]],
+                 progress: Callable[[], int] = lambda: 0) -> None:
         self.client = client
         self.keys = keys
         self.worker = worker
@@ -59,6 +111,8 @@ class Lease:
         self.in_flight = in_flight
         self.lease_seconds = lease_seconds
         self.status = status
+        self.progress = progress
+        self._last_count = progress()
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-lease", daemon=True)
@@ -87,6 +141,10 @@ class Lease:
     def beat(self) -> None:
         """Renew the lease once (if the worker is progressing)."""
         lease_ms = int(self.lease_seconds * 1000)
+        count = self.progress()
+        if count != self._last_count:
+            self._last_count = count
+            self.progressed()
         # Only a worker that holds batches can be stuck; an idle one keeps its lease (and its staged
         # parts stay safe from recovery, which condemns the parts of workers whose lease lapsed).
         stuck = len(self.in_flight) > 0 and time.monotonic() - self._last_progress > self.lease_seconds

@@ -158,17 +158,19 @@ class _Stream:
 
 def embed_stream(engine: Engine, take: Callable[[bool], Work[T] | object | None], pad_id: int, *,
                  profiles: Sequence[Profile] | None = None, depth: int = 2,
-                 stats: EngineStats | None = None) -> Iterator[tuple[T, np.ndarray | Exception]]:
+                 stats: EngineStats | None = None,
+                 stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[T, np.ndarray | Exception]]:
     """Embed a stream of `Work`, `depth` batches in flight across work boundaries.
 
     `take(wait)` gives the next `Work`, or None when none is ready (it may block a little when
     `wait` is true: the pipeline is then empty), or `END`. Yields `(tag, embeddings)` in the order
     taken, embeddings `(n, dim)` float32 in the order of the work's documents, or `(tag, error)` when
-    a batch of that work failed (nothing is then in flight).
+    a batch of that work failed (nothing is then in flight). Returns early, between two batches,
+    once `stop()` is true: what was not yielded is left to the caller to hand back.
     """
     stream = _Stream(engine, pad_id, profiles or engine.profiles, stats)
     ended = False
-    while True:
+    while not stop():
         while not ended and stream.next_to_submit() is None:  # (work with no documents has no batches)
             work = take(not stream.jobs)
             if work is END:

@@ -28,11 +28,13 @@ from embedq.worker.consumer import Delivery
 
 @dataclass(frozen=True)
 class Entry:
-    """One stream entry of the window: its id, its decoded message and how often it was delivered."""
+    """One stream entry of the window: its id, its decoded message, how often it was delivered and
+    how many workers died while working on it."""
 
     entry_id: str
     message: BatchMessage
     deliveries: int
+    crashes: int = 0
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Window:
                     job, delivery.entry_id, delivery.raw or b"", reason="malformed message", error=str(exc),
                     worker=worker, deliveries=delivery.deliveries, code=exc.code))
                 continue
-            window.entries.append(Entry(delivery.entry_id, message, delivery.deliveries))
+            window.entries.append(Entry(delivery.entry_id, message, delivery.deliveries, delivery.crashes))
         return window
 
     def tokenize(self, encode: Callable[[list[str]], TokenizedDocs], rules: DocumentRules, worker: str) -> None:
@@ -268,3 +270,31 @@ def _token_problems(docs: TokenizedDocs, rules: DocumentRules) -> tuple[list[int
         problems[f"token id out of the model's vocabulary ({rules.vocab_size})"] = (
             np.flatnonzero(out_of_vocab & ~too_long).tolist())
     return np.flatnonzero(~(too_long | out_of_vocab)).tolist(), problems
+
+
+class WindowSizer:
+    """How many documents the next window should hold.
+
+    A window closes at `window_docs` or after about `window_seconds` of engine work at the speed
+    measured so far, whichever comes first, and never at more than a third of the lease: a CPU
+    worker (hundreds of documents a second) then commits every few seconds and renews its lease,
+    while a GPU worker fills whole windows. Before anything is measured a window is one batch (a job
+    small enough for one window still spreads over the workers that are there), and each window
+    grows at most 4x over the last, so the estimate firms up before windows get long.
+    """
+
+    def __init__(self, *, window_docs: int, window_seconds: float, lease_seconds: float, batch_size: int) -> None:
+        self.window_docs = max(1, window_docs)
+        self.seconds = max(0.1, min(window_seconds, lease_seconds / 3))
+        self.batch_size = max(1, batch_size)
+        self._last = 0
+
+    def next_window(self, embedded_docs: int, engine_seconds: float) -> int:
+        """Documents for the next window, given the documents embedded and engine seconds so far."""
+        if embedded_docs <= 0 or engine_seconds <= 0:
+            target = self.batch_size if self._last == 0 else self._last
+        else:
+            target = int(embedded_docs / engine_seconds * self.seconds)
+            target = min(target, 4 * max(self._last, self.batch_size))
+        self._last = max(self.batch_size, min(self.window_docs, target))
+        return self._last

@@ -24,14 +24,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import redis
 
 from embedq import deadletter
-from embedq.config import Settings
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
 from embedq.job import JobRecord, check_model, job_complete, live_workers
@@ -41,67 +39,17 @@ from embedq.tokenization import Encode, Tokenizer
 from embedq.worker.commit import Committer, PartCommit, Step, part_name, reconcile, write_manifest_file
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
 from embedq.worker.faults import FaultIsolation
-from embedq.worker.lease import InFlight, Lease
+from embedq.worker.lease import InFlight, Lease, WorkingSet
+from embedq.worker.options import WorkerOptions, WorkerReport
 from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
-from embedq.worker.pipeline import END, EngineStats, Work, embed_stream
+from embedq.worker.pipeline import END, Work, embed_stream
 from embedq.worker.signals import drain_on_signal
-from embedq.worker.window import DocumentRules, Window
+from embedq.worker.window import DocumentRules, Window, WindowSizer
 from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
 
 _END = None  # queue sentinel: no more windows
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """How a worker reads, retries and stops; see `embedq work --help`. The defaults are the CLI's
-    (`Settings`), so a worker built in Python behaves like one started from the command line."""
-
-    lease_seconds: float = Settings.lease_seconds
-    max_failures: int = Settings.max_failures
-    max_deliveries: int = Settings.max_deliveries
-    window_docs: int = Settings.window_docs
-    prefetch: int = Settings.prefetch
-    shutdown_timeout: float = Settings.shutdown_timeout
-    disk_retry_seconds: float = Settings.disk_retry_seconds
-    redis_retry_seconds: float = Settings.redis_retry_seconds
-    output_dtype: str = Settings.output_dtype
-    commit_threads: int = Settings.commit_threads
-    exit_when_done: bool = True
-    idle_exit_seconds: float | None = None  # exit after this long with nothing to do (tests, bench)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerOptions:
-        return settings.options_for(cls, **overrides)
-
-
-@dataclass
-class StageCounters:
-    """Documents through each stage so far; read by `status` and sampled by `embedq bench`."""
-
-    fetched: int = 0
-    tokenized: int = 0
-    embedded: int = 0
-    committed: int = 0
-    tokens_embedded: int = 0
-
-
-@dataclass
-class WorkerReport:
-    """What one worker run did."""
-
-    worker: str
-    documents: int = 0
-    tokens: int = 0
-    parts: int = 0
-    dead_documents: int = 0
-    duplicates_dropped: int = 0
-    seconds: float = 0.0
-    job_complete: bool = False
-    stopped_by_signal: bool = False
-    engine: EngineStats = field(default_factory=EngineStats)
-    stages: StageCounters = field(default_factory=StageCounters)
 
 
 def new_worker_id() -> str:
@@ -130,7 +78,11 @@ class Worker:
         self.committer = Committer(client, keys, self.id, retry=self._redis)
         self.in_flight = InFlight()
         self.lease = Lease(client, keys, self.id, self.consumer, self.in_flight, options.lease_seconds,
-                           self._status)
+                           self._status, progress=self._progress)
+        self.working = WorkingSet(client, keys, self.id, self._redis)
+        self._sizer = WindowSizer(window_docs=options.window_docs, window_seconds=options.window_seconds,
+                                  lease_seconds=options.lease_seconds, batch_size=record.batch_size)
+        self._stop_deadline: float | None = None  # set by a stop: in-flight work must end by then
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
                                    vocab_size=model.vocab_size, max_tokens=model.max_seq_len, id_type=record.id_type)
         self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len).encode
@@ -165,7 +117,7 @@ class Worker:
                                 "recover parts left by earlier workers")
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
-        signals = drain_on_signal(self._stop_reading.set) if install_signals else contextlib.nullcontext(bool)
+        signals = drain_on_signal(self.stop) if install_signals else contextlib.nullcontext(bool)
         self.lease.start()
         fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
         committers = [threading.Thread(target=self._guard, args=(self._commit_loop,), name=f"embedq-commit-{i}",
@@ -208,8 +160,19 @@ class Worker:
                                 len(e.letter.doc_ids) for e in dead)})
 
     def stop(self) -> None:
-        """Stop reading; finish and commit what is in flight (what a first SIGTERM does)."""
+        """Stop reading; finish and commit what is on the engine, hand back what is not, within
+        `shutdown_timeout` (what a first SIGTERM or SIGINT does)."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.options.shutdown_timeout
         self._stop_reading.set()
+
+    def _past_deadline(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
+
+    def _progress(self) -> int:
+        """Grows with every step: what the lease watches to tell a working worker from a stuck one."""
+        stages = self.report.stages
+        return stages.fetched + stages.tokenized + self.report.engine.batches + stages.committed + self.report.parts
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -217,23 +180,21 @@ class Worker:
         reclaim_every = max(1.0, self.options.lease_seconds / 2)
         next_reclaim = 0.0
         idle_since: float | None = None
-        per_read = max(1, self.options.window_docs // max(1, self.record.batch_size)) + 1
+        batch_size = max(1, self.record.batch_size)
         while not self._stop_reading.is_set() and not self._abort.is_set():
+            target = self._sizer.next_window(self.report.stages.embedded, self.report.engine.seconds)
+            per_read = max(1, -(-target // batch_size))
             deliveries: list[Delivery] = []
             if time.monotonic() >= next_reclaim:
-                deliveries += self._redis(lambda: self.consumer.reclaim(per_read)[0], "reclaim batches")
+                deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read), "reclaim batches")
                 next_reclaim = time.monotonic() + reclaim_every
-            docs = 0
             block = 200
             while len(deliveries) < per_read and not self._stop_reading.is_set():
-                want = per_read - len(deliveries)
-                got = self._redis(functools.partial(self.consumer.read_new, want, block), "read batches")
+                got = self._redis(functools.partial(self.consumer.read_new, per_read - len(deliveries), block),
+                                  "read batches")
                 if not got:
                     break
                 deliveries += got
-                docs += len(got) * self.record.batch_size
-                if docs >= self.options.window_docs:
-                    break
                 block = 20  # a window fills from what is already there; do not wait long for more
             if not deliveries:
                 idle_since = idle_since or time.monotonic()
@@ -242,10 +203,17 @@ class Worker:
                 continue
             idle_since = None
             self.in_flight.add([d.entry_id for d in deliveries])
-            window = self._prepare(deliveries)
-            self.lease.progressed()
-            self._put(self._ready, window)
-        self._put(self._ready, _END)
+            # An entry that workers died on is embedded in a window of its own: if it kills this
+            # worker too, no batch-mate is blamed with it (the first step of crash isolation).
+            suspects = [d for d in deliveries if d.crashes > 0]
+            groups = [[d] for d in suspects] + [[d for d in deliveries if d.crashes == 0]]
+            for suspect in suspects:
+                log.warning("batch %s: %d worker(s) died while working on it; embedding it alone",
+                            suspect.entry_id, suspect.crashes)
+            for group in groups:
+                if group and not self._stop_reading.is_set():
+                    self._put(self._ready, self._prepare(group), until_stop=True)
+        self._put(self._ready, _END, until_stop=True)
 
     def _finished_or_idle(self, idle_since: float) -> bool:
         if len(self.in_flight):
@@ -260,11 +228,16 @@ class Worker:
     def _prepare(self, deliveries: list[Delivery]) -> Window:
         """Decode, split crash suspects, tokenize and sort (a window may end up with nothing to
         embed, but still with entries to settle)."""
-        window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
-        self.faults.split_crash_suspects(window)
-        self.report.stages.fetched += sum(len(e.message) for e in window.entries)
-        window.tokenize(self._encode, self.rules, self.id)
-        window.sort_by_length()
+        ids = [d.entry_id for d in deliveries]
+        self.working.add(ids)
+        try:
+            window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
+            self.faults.split_crash_suspects(window)
+            self.report.stages.fetched += sum(len(e.message) for e in window.entries)
+            window.tokenize(self._encode, self.rules, self.id)
+            window.sort_by_length()
+        finally:
+            self.working.discard(ids)
         self.report.stages.tokenized += len(window)
         return window
 
@@ -274,7 +247,8 @@ class Worker:
 
         def take(wait: bool) -> Work[Window] | object | None:
             nonlocal ended
-            if self._abort.is_set():
+            if self._abort.is_set() or self._stop_reading.is_set():
+                ended = True  # on a stop, windows not yet started are handed back, not embedded
                 return END
             try:
                 window = self._ready.get(timeout=0.2) if wait else self._ready.get_nowait()
@@ -285,15 +259,17 @@ class Worker:
                 return END
             if len(window):
                 self._state = "embedding"
+                self.working.add(window.entry_ids)
             return Work(window, window.tokens)
 
         windows: Iterator[tuple[Window, np.ndarray | Exception]] = embed_stream(
-            self.engine, take, self.model.pad_token_id, stats=self.report.engine)
+            self.engine, take, self.model.pad_token_id, stats=self.report.engine, stop=self._past_deadline)
         for window, result in windows:
-            if self._abort.is_set():
+            if self._abort.is_set() or self._past_deadline():
                 return
             if len(window):
                 self.faults.take_embeddings(window, result)
+                self.working.discard(window.entry_ids)
                 self.report.stages.embedded += len(window)
                 self.report.stages.tokens_embedded += window.token_count
             self.lease.progressed()
@@ -348,8 +324,10 @@ class Worker:
         return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what,
                            log=log.warning, stopping=self._abort.is_set)
 
-    def _put(self, target: queue.Queue[Window | None], item: Window | None) -> None:
-        while not self._abort.is_set():
+    def _put(self, target: queue.Queue[Window | None], item: Window | None, *, until_stop: bool = False) -> None:
+        """Put `item` on a stage queue, unless the worker aborts (or, `until_stop`, stops reading:
+        a window not yet queued for the engine is then handed back instead)."""
+        while not self._abort.is_set() and not (until_stop and self._stop_reading.is_set()):
             try:
                 target.put(item, timeout=0.2)
                 return
@@ -365,8 +343,11 @@ class Worker:
             self._abort.set()
 
     def _drain(self, threads: list[threading.Thread]) -> None:
+        """Let the stages finish (by the stop's deadline, with a short grace for commits under way),
+        then hand back whatever is still held, so another worker takes it at once."""
         self._stop_reading.set()
-        deadline = time.monotonic() + self.options.shutdown_timeout
+        deadline = max(self._stop_deadline or time.monotonic() + self.options.shutdown_timeout, time.monotonic())
+        deadline += min(10.0, self.options.shutdown_timeout)
         for thread in threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads):
@@ -374,9 +355,13 @@ class Worker:
                         "another worker", self.options.shutdown_timeout)
             self._abort.set()
         leftover = self.in_flight.snapshot()
-        if leftover:
-            with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(redis.RedisError):
+            if leftover:
                 self.consumer.release(leftover)  # let another worker take them now, not after the lease
+            self.working.clear()
+        if leftover and self._stop_deadline is not None:
+            log.warning("interrupted: %d batch(es) not committed were handed back; run the same command again "
+                        "to resume", len(leftover))
 
     def _status(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._started)

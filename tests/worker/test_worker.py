@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from embedq.deadletter import list_dead
 from embedq.errors import JobMismatch
@@ -142,35 +143,71 @@ def test_malformed_messages_are_dead_lettered_and_the_job_completes(redis_client
     assert all(not d.letter.replayable for d in list_dead(redis_client, keys))
 
 
-def test_a_batch_that_kills_its_workers_is_split_until_the_culprit_is_dead_lettered(
+def die_while_working(client: redis.Redis, keys: JobKeys, worker: str, entries: list[str]) -> None:
+    """What a worker killed while tokenizing or embedding `entries` leaves: them in its working set,
+    no lease key."""
+    client.sadd(keys.worker_working(worker), *entries)
+
+
+def kill_workers_on(client: redis.Redis, keys: JobKeys, deaths: int, *, working: bool) -> None:
+    """`deaths` workers take the job's entries in turn and die, working on them or merely holding them."""
+    ensure_group(client, keys)
+    for k in range(deaths):
+        consumer = StreamConsumer(client, keys, f"dying-{k}", lease_ms=0)
+        got = consumer.reclaim(10) if k else consumer.read_new(10, 100)
+        assert got, "nothing to take over"
+        if working:
+            die_while_working(client, keys, f"dying-{k}", [d.entry_id for d in got])
+
+
+def test_a_batch_that_kills_its_workers_is_split_until_the_culprit_is_found(
         redis_client, keys, model_info, cpu_engine, tmp_path: Path, gloss_texts) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", list(range(8)), gloss_texts[:8])
     record, _ = produce(redis_client, keys, model_info, source, batch_size=8)
-    ensure_group(redis_client, keys)
-    # Deliver the batch max_deliveries times without settling it (workers dying on it).
-    for attempt in range(3):
-        StreamConsumer(redis_client, keys, f"dying-{attempt}", lease_ms=0).reclaim(10) if attempt else \
-            StreamConsumer(redis_client, keys, "dying-0", lease_ms=0).read_new(10, 100)
+    kill_workers_on(redis_client, keys, 3, working=True)  # the third death is counted when it is reclaimed
     out = tmp_path / "out"
     report = run_worker(redis_client, keys, record, model_info, cpu_engine, out, max_deliveries=3,
                         lease_seconds=1.0)
-    # It was split in halves (fresh entries, delivered once) and then embedded normally.
+    # It was split in halves (fresh entries, no crashes) and then embedded normally.
     assert report.job_complete and report.documents == 8 and report.dead_documents == 0
     assert set(read_output(out)) == set(range(8))
+    assert redis_client.xlen(keys.stream) == 0
+
+
+def test_workers_killed_while_merely_holding_a_batch_blame_nothing(
+        redis_client, keys, model_info, cpu_engine, tmp_path: Path, gloss_texts) -> None:
+    source = write_jsonl(tmp_path / "docs.jsonl", list(range(8)), gloss_texts[:8])
+    record, _ = produce(redis_client, keys, model_info, source, batch_size=8)
+    kill_workers_on(redis_client, keys, 6, working=False)  # delivered 6 times, never worked on
+    (entry,) = [e.decode() for e, _ in redis_client.xrange(keys.stream)]
+    report = run_worker(redis_client, keys, record, model_info, cpu_engine, tmp_path / "out", max_deliveries=3,
+                        lease_seconds=1.0)
+    assert report.job_complete and report.documents == 8 and report.dead_documents == 0
+    assert redis_client.hget(keys.crashes, entry) is None  # not one crash was counted against it
+    assert read_output(tmp_path / "out").keys() == set(range(8))
 
 
 def test_a_single_document_that_keeps_killing_workers_is_dead_lettered(redis_client, keys, model_info,
                                                                       cpu_engine, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", ["only"], ["a single document"])
     record, _ = produce(redis_client, keys, model_info, source)
-    ensure_group(redis_client, keys)
-    StreamConsumer(redis_client, keys, "dying-0", lease_ms=0).read_new(10, 100)
-    StreamConsumer(redis_client, keys, "dying-1", lease_ms=0).reclaim(10)
+    kill_workers_on(redis_client, keys, 3, working=True)
     report = run_worker(redis_client, keys, record, model_info, cpu_engine, tmp_path / "out", max_deliveries=3,
                         lease_seconds=1.0)
     assert report.job_complete and report.dead_documents == 1
     letter = list_dead(redis_client, keys)[0].letter
-    assert letter.reason == "worker died processing it" and letter.deliveries == 3
+    assert letter.reason == "worker died processing it" and "3 workers died" in letter.error
+
+
+def test_a_worker_never_reclaims_its_own_entries(redis_client, keys, model_info, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "docs.jsonl", ["a", "b"], ["one text", "another"])
+    produce(redis_client, keys, model_info, source, batch_size=1)
+    ensure_group(redis_client, keys)
+    me = StreamConsumer(redis_client, keys, "me", lease_ms=0)
+    assert len(me.read_new(10, 100)) == 2
+    assert me.reclaim(10) == []  # idle past its lease, but still its own: it is working on them
+    other = StreamConsumer(redis_client, keys, "other", lease_ms=0)
+    assert len(other.reclaim(10)) == 2
 
 
 def test_a_worker_refuses_a_job_made_for_another_model(redis_client, keys, model_info, cpu_engine, corpus,
