@@ -7,16 +7,19 @@ it and refuses to run a job whose model differs from the one it loaded (contract
 from __future__ import annotations
 
 import json
+import shlex
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import redis
 
 from embedq import __version__
-from embedq.errors import JobMismatch, UsageError
+from embedq.config import Settings
+from embedq.errors import JobMismatch, ModelError, UsageError
 from embedq.keys import JobKeys
-from embedq.model import ModelInfo
+from embedq.model import ModelInfo, default_model_path
 from embedq.protocol import SCHEMA_VERSION, Limits
 
 _RECORD_FIELD = "record"
@@ -73,8 +76,10 @@ def new_record(job: str, model: ModelInfo, **fields: Any) -> JobRecord:
 def load(client: redis.Redis, keys: JobKeys) -> JobRecord | None:
     """The job's record, or None if no producer has created the job yet."""
     raw = client.hget(keys.meta, _RECORD_FIELD)
-    if raw is None:
-        return None
+    return None if raw is None else _decode(raw, keys)
+
+
+def _decode(raw: bytes, keys: JobKeys) -> JobRecord:
     try:
         return msgspec.json.decode(raw, type=JobRecord)
     except msgspec.DecodeError as exc:
@@ -127,15 +132,116 @@ def check_model(record: JobRecord, model: ModelInfo) -> None:
 
 
 # -- the job's state in Redis -------------------------------------------------------------------
+#
+# Two notions, two names. *Settled*: the producer has published the whole source and every stream
+# entry has been settled (committed or dead-lettered): nothing is left to embed, and a worker stops.
+# *Complete*: settled, and the output is final (every committed part visible under its name,
+# `_manifest.json` written): what `status` reports and a glob reader may rely on. Whoever finalizes
+# the output at the job's end (a worker, `gc`, `verify`) records it in the stats hash.
 
-def is_complete(producer_done: bool, stream_entries: int) -> bool:
-    """A job is complete once its producer has finished and every stream entry has been settled."""
+FINALIZED_FIELD = "finalized"  # stats hash: 1 once the output is final
+OUTPUT_FIELD = "output"  # stats hash: the output location, as the workers opened it
+
+
+def is_settled(producer_done: bool, stream_entries: int) -> bool:
+    """Nothing left to embed: the producer has finished and every stream entry has been settled."""
     return producer_done and stream_entries == 0
 
 
-def job_complete(client: redis.Redis, keys: JobKeys) -> bool:
-    """Whether the job is complete now (see `is_complete`)."""
-    return is_complete(client.hget(keys.producer, "done") == b"1", int(client.xlen(keys.stream)))
+def is_complete(producer_done: bool, stream_entries: int, finalized: bool) -> bool:
+    """Complete for the job's readers: settled, and the output final."""
+    return is_settled(producer_done, stream_entries) and finalized
+
+
+def job_settled(client: redis.Redis, keys: JobKeys) -> bool:
+    """Whether the job is settled now (see `is_settled`): a worker's test that there is no more work."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.producer, "done")
+    pipe.xlen(keys.stream)
+    done, entries = pipe.execute()
+    return is_settled(done == b"1", int(entries))
+
+
+job_complete = job_settled  # the worker's, `gc`'s and `verify`'s name for it: "no more work", not "final"
+
+
+def producer_stalled(client: redis.Redis, keys: JobKeys) -> str | None:
+    """What to run when the job has stalled (its producer stopped before the end, or Redis lost its
+    last writes, and no producer holds the lock), else None. For idle workers to log."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.meta, _RECORD_FIELD)
+    pipe.hmget(keys.producer, ["done", "next_pos"])
+    pipe.get(keys.producer_lock)  # GET, not EXISTS: the narrowest ACL the README lists has no EXISTS
+    raw, (done, next_pos), holder = pipe.execute()
+    if raw is None or done == b"1" or holder is not None:
+        return None
+    return stall_advice(_decode(raw, keys), keys, published=int(next_pos or 0))
+
+
+def stall_advice(record: JobRecord, keys: JobKeys, *, published: int) -> str:
+    """The advice for a stalled job: what happened and the command that finishes publishing it."""
+    stdin = " (pipe the same input into it)" if _source_path(record) == "-" else ""
+    return (f"the producer stopped after {published:,} of {record.documents:,} documents (killed, or Redis lost "
+            f"its last writes) and no producer is running: run `{produce_command(record, keys)}`{stdin} against "
+            "the same Redis; it publishes what is missing, never a batch twice")
+
+
+def finalize_advice(keys: JobKeys, output: str) -> str:
+    """The advice for a settled job whose output is not final yet."""
+    return (f"every batch is settled but the output is not final yet (parts may still be staged, "
+            f"_manifest.json missing): run `{finalize_command(keys, output)}`")
+
+
+def finalize_command(keys: JobKeys, output: str) -> str:
+    """`embedq gc` for the job: rolls committed parts forward, removes orphans, finalizes the output."""
+    return shlex.join(["embedq", "gc", "--job", keys.job, *_prefix_flag(keys), "--out", output or "DIR"])
+
+
+def produce_command(record: JobRecord, keys: JobKeys) -> str:
+    """The `embedq produce` command that continues this job: its source, and as flags every setting
+    the job record fixes that a plain `embedq produce` might not repeat (a resumed producer must
+    match them all, or it is refused). Redis comes from `--redis` or `EMBEDQ_REDIS_URL`, as before."""
+    spec = record.source_spec
+    args = ["embedq", "produce", _source_path(record), "--job", record.job, *_prefix_flag(keys)]
+    for name, flag, default in _SOURCE_FLAGS:
+        value = spec.get(name, default)
+        if value is not None and value != default:
+            args += [flag, str(value)]
+    if not _is_default_model(record.model_path):
+        args += ["--model", record.model_path]
+    # The model's own defaults for these are not in the record: state them, so the command is exact.
+    args += ["--pooling", record.pooling, "--normalize" if record.normalize else "--no-normalize",
+             "--max-seq-len", str(record.max_seq_len)]
+    if record.batch_size != Settings.batch_size:
+        args += ["--batch-size", str(record.batch_size)]
+    if record.max_doc_bytes != Settings.max_doc_bytes:
+        args += ["--max-doc-bytes", str(record.max_doc_bytes)]
+    args += [flag for flag, on in (("--allow-empty", record.allow_empty), ("--pretokenize", record.pretokenized),
+                                   ("--allow-duplicate-ids", record.allow_duplicate_ids)) if on]
+    command = shlex.join(args)
+    if record.max_message_bytes != Settings.max_message_bytes:  # a setting without a flag
+        command = f"EMBEDQ_MAX_MESSAGE_BYTES={record.max_message_bytes} {command}"
+    return command
+
+
+# The source flags of `embedq produce` and their defaults (`SourceSpec`'s, which the core cannot import).
+_SOURCE_FLAGS = (("format", "--format", "auto"), ("id_field", "--id-field", None),
+                 ("text_field", "--text-field", "text"), ("text_unit", "--text-unit", "line"))
+
+
+def _source_path(record: JobRecord) -> str:
+    return str(record.source_spec.get("path") or record.source)
+
+
+def _prefix_flag(keys: JobKeys) -> list[str]:
+    return [] if keys.prefix == Settings.key_prefix else ["--key-prefix", keys.prefix]
+
+
+def _is_default_model(path: str) -> bool:
+    try:
+        return Path(path).resolve() == default_model_path().resolve()
+    except ModelError:
+        return False
 
 
 def live_workers(client: redis.Redis, keys: JobKeys) -> dict[str, dict[str, Any]]:

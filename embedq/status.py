@@ -18,12 +18,14 @@ class JobStatus:
 
     job: str
     exists: bool
+    prefix: str = "embedq"  # the key prefix (`--key-prefix`)
     model: str = ""
     source: str = ""
     documents: int = 0  # in the source
     produced_documents: int = 0
     produced_batches: int = 0
     producer_done: bool = False
+    producer_lock: str | None = None  # the running producer holding the job's lock, if any
     stream_entries: int = 0  # batches published and not yet settled
     pending_entries: int = 0  # of those, delivered to a worker and not yet settled
     committed_documents: int = 0
@@ -31,11 +33,44 @@ class JobStatus:
     tokens: int = 0
     dead_documents: int = 0
     dead_letters: int = 0
+    finalized: bool = False  # the output is final: every part visible, `_manifest.json` written
+    output: str = ""  # the output location the workers recorded
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stall_advice: str | None = None  # set when the job has stalled: what happened and what to run
+    produce_command: str = ""  # the command that finishes publishing it
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to embed (see `embedq.job.is_settled`)."""
+        return job_record.is_settled(self.producer_done, self.stream_entries)
 
     @property
     def complete(self) -> bool:
-        return job_record.is_complete(self.producer_done, self.stream_entries)
+        """Settled and the output final (see `embedq.job.is_complete`)."""
+        return job_record.is_complete(self.producer_done, self.stream_entries, self.finalized)
+
+    @property
+    def stalled(self) -> bool:
+        """Not fully produced, and no producer is running to finish it."""
+        return self.stall_advice is not None
+
+    @property
+    def command(self) -> str | None:
+        """What an operator must run for the job to complete, if anything."""
+        if self.stalled:
+            return self.produce_command
+        if self.settled and not self.finalized:
+            return job_record.finalize_command(JobKeys(self.job, self.prefix), self.output)
+        return None
+
+    @property
+    def action(self) -> str | None:
+        """The command with what it is for."""
+        if self.stall_advice is not None:
+            return self.stall_advice
+        if self.settled and not self.finalized:
+            return job_record.finalize_advice(JobKeys(self.job, self.prefix), self.output)
+        return None
 
     @property
     def settled_documents(self) -> int:
@@ -55,12 +90,17 @@ class JobStatus:
             return "unknown"
         if self.complete:
             return "complete"
+        if self.settled:  # a worker finalizes the output as it stops; without one, `gc` does
+            return "finalizing" if self.workers else "not finalized"
+        if self.stalled:
+            return "stalled"
         if not self.workers:
             return "waiting for workers"
         return "running" if self.producer_done else "producing"
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "complete": self.complete, "state": self.state,
+        return {**asdict(self), "complete": self.complete, "settled": self.settled, "stalled": self.stalled,
+                "state": self.state, "action": self.action, "command": self.command,
                 "docs_per_s": self.docs_per_s, "tokens_per_s": self.tokens_per_s}
 
 
@@ -68,13 +108,14 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
     """The job's counts; `exists` is False when no producer has created it."""
     record = job_record.load(client, keys)
     if record is None:
-        return JobStatus(job=keys.job, exists=False)
+        return JobStatus(job=keys.job, exists=False, prefix=keys.prefix)
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.producer)
     pipe.hgetall(keys.stats)
     pipe.xlen(keys.stream)
     pipe.xlen(keys.dead)
-    producer, stats, stream_len, dead_len = pipe.execute()
+    pipe.get(keys.producer_lock)
+    producer, stats, stream_len, dead_len, lock = pipe.execute()
     try:
         pending = int(client.xpending(keys.stream, GROUP)["pending"])
     except redis.ResponseError:  # no group yet: no worker has started
@@ -83,13 +124,20 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
     def count(values: dict[bytes, bytes], name: str) -> int:
         return int(values.get(name.encode(), 0))
 
+    done = producer.get(b"done") == b"1"
+    stalled = not done and lock is None
     return JobStatus(
-        job=keys.job, exists=True, model=record.model, source=record.source, documents=record.documents,
-        produced_documents=count(producer, "docs"), produced_batches=count(producer, "batches"),
-        producer_done=producer.get(b"done") == b"1", stream_entries=int(stream_len), pending_entries=pending,
-        committed_documents=count(stats, "docs_committed"), committed_parts=count(stats, "parts"),
-        tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"), dead_letters=int(dead_len),
+        job=keys.job, exists=True, prefix=keys.prefix, model=record.model, source=record.source,
+        documents=record.documents, produced_documents=count(producer, "docs"),
+        produced_batches=count(producer, "batches"), producer_done=done,
+        producer_lock=None if lock is None else lock.decode(), stream_entries=int(stream_len),
+        pending_entries=pending, committed_documents=count(stats, "docs_committed"),
+        committed_parts=count(stats, "parts"), tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"),
+        dead_letters=int(dead_len), finalized=stats.get(job_record.FINALIZED_FIELD.encode()) == b"1",
+        output=stats.get(job_record.OUTPUT_FIELD.encode(), b"").decode(),
         workers=job_record.live_workers(client, keys),
+        stall_advice=job_record.stall_advice(record, keys, published=count(producer, "next_pos")) if stalled else None,
+        produce_command=job_record.produce_command(record, keys),
     )
 
 
@@ -103,6 +151,7 @@ def render(status: JobStatus) -> str:
         ("source", f"{status.source}, {status.documents:,} documents"),
         ("produced", f"{status.produced_documents:,} documents in {status.produced_batches:,} batches"
                      + (" (done)" if status.producer_done else "")),
+        ("producer", _producer_state(status)),
         ("in stream", f"{status.stream_entries:,} batches, {status.pending_entries:,} of them being processed"),
         ("committed", f"{status.committed_documents:,} documents in {status.committed_parts:,} parts, "
                       f"{status.tokens:,} tokens"),
@@ -110,13 +159,23 @@ def render(status: JobStatus) -> str:
         ("workers alive", str(len(status.workers))),
         ("throughput", f"{status.docs_per_s:,.0f} documents/s, {status.tokens_per_s:,.0f} tokens/s"),
     ]
+    if status.output:
+        rows.append(("output", status.output + (" (final)" if status.finalized else " (not final yet)")))
     for name, info in sorted(status.workers.items()):
         rows.append((f"  {name}", f"{info.get('state', '?')}, {info.get('backend', '?')} on "
                                   f"{info.get('device', '?')} {info.get('precision', '')}, "
                                   f"{int(info.get('documents', 0)):,} documents, "
                                   f"{float(info.get('docs_per_s', 0)):,.0f} docs/s"))
+    if status.action is not None:
+        rows.append(("action", status.action))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _producer_state(status: JobStatus) -> str:
+    if status.producer_done:
+        return "finished" + (f", staying until complete ({status.producer_lock})" if status.producer_lock else "")
+    return f"running ({status.producer_lock})" if status.producer_lock else "not running"
 
 
 def to_json(status: JobStatus) -> str:

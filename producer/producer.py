@@ -4,6 +4,12 @@
     job       create the job record, or check that a resumed job is the same job
     publish   from the cursor in Redis to the end of the source, waiting on backpressure
     finish    mark the job produced, so workers know when it is complete
+    stay      (`until_complete`) watch the job until it is complete; if Redis lost the `done` mark
+              or the last batches (a restart without its last second, a failover), publish them again
+
+The producer holds the job's lock (`keys.producer_lock`, a TTL renewed as it works) from `publish`
+to the end: a job not fully produced without a lock holder has stalled, which `status` and idle
+workers report with the command that finishes it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +32,7 @@ import redis
 from embedq import deadletter
 from embedq.config import Settings
 from embedq.connection import retry_redis
-from embedq.errors import SourceError
+from embedq.errors import SourceError, UsageError
 from embedq.job import JobRecord, create_or_check, new_record
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
@@ -48,6 +55,8 @@ class ProducerOptions:
     allow_empty: bool = Settings.allow_empty
     allow_duplicate_ids: bool = Settings.allow_duplicate_ids
     redis_retry_seconds: float = Settings.redis_retry_seconds
+    until_complete: bool = False  # stay after publishing, publishing again what Redis loses, until complete
+    watch_seconds: float = 1.0  # how often a producer that stays looks at the job
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProducerOptions:
@@ -65,6 +74,7 @@ class ProducerReport:
     rejected: int = 0  # documents dead-lettered by the producer in this run
     resumed_from: int = 0  # source position this run started at
     already_done: bool = False
+    complete: bool = False  # with `until_complete`: it stayed until the job was complete
     seconds: float = 0.0
     waited_seconds: float = 0.0  # time spent waiting on backpressure
 
@@ -89,10 +99,11 @@ class Producer:
         self.stopping = stopping
         self.publisher = Publisher(client, keys, options.backlog)
         self.scan: SourceScan | None = None
+        self.record: JobRecord | None = None
 
     def prepare(self) -> JobRecord:
-        """Scan the source and create or check the job record."""
-        scan = self.scan = self.source.scan()
+        """Scan the source (once) and create or check the job record."""
+        scan = self.scan = self.scan or self.source.scan()
         if scan.n_duplicates and not self.options.allow_duplicate_ids:
             examples = ", ".join(f"{i!r} (positions {a} and {b})" for i, a, b in scan.duplicate_ids[:5])
             raise SourceError(
@@ -109,37 +120,87 @@ class Producer:
             max_doc_bytes=self.options.limits.max_doc_bytes,
             max_message_bytes=self.options.limits.max_message_bytes, allow_empty=self.options.allow_empty,
             allow_duplicate_ids=self.options.allow_duplicate_ids)
-        return self._redis(lambda: create_or_check(self.client, self.keys, record), "create the job")
+        self.record = self._redis(lambda: create_or_check(self.client, self.keys, record), "create the job")
+        return self.record
 
     def run(self, progress: Progress = lambda done, total: None) -> ProducerReport:
-        """Publish the whole source (from where an earlier run stopped); returns the report."""
+        """Publish the whole source (from where an earlier run stopped), then, with `until_complete`,
+        stay and publish again whatever Redis loses until the job is complete; returns the report."""
         started = time.monotonic()
-        record = self.prepare()
-        assert self.scan is not None
+        record = self.record or self.prepare()
         report = ProducerReport(job=self.keys.job, documents=record.documents)
-        self._redis(self.publisher.acquire, "take the producer lock")
+        # Staying: wait for another producer of the job for as long as it runs, not a lock's lifetime.
+        wait = math.inf if self.options.until_complete else None
+        if not self._redis(lambda: self.publisher.acquire(wait, stopping=self.stopping), "take the producer lock"):
+            return report
         try:
-            cursor = self._redis(self.publisher.cursor, "read the producer cursor")
-            report.resumed_from = cursor.next_pos
-            if cursor.done:
-                report.already_done = True
-                progress(record.documents, record.documents)
-                return report
-            if cursor.next_pos:
-                log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,
-                         cursor.next_pos, record.documents)
-            skip = frozenset(self.scan.duplicate_positions) if self.options.allow_duplicate_ids else frozenset()
-            rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip)
-            self._publish_all(rules, cursor.next_seq, cursor.next_pos, record, report, progress)
-            if not self.stopping():
-                finished = self._redis(lambda: self.publisher.finish(record.documents), "finish the job")
-                if not finished:
-                    raise SourceError("the producer cursor did not reach the end of the source; run it again")
+            report.resumed_from = self._redis(self.publisher.cursor, "read the producer cursor").next_pos
+            report.already_done = self._publish_rest(record, report, progress)
+            if self.options.until_complete:
+                self._until_complete(record, report, progress)
         finally:
             report.seconds = time.monotonic() - started
             with contextlib.suppress(redis.RedisError):
                 self.publisher.release()
         return report
+
+    def _publish_rest(self, record: JobRecord, report: ProducerReport, progress: Progress) -> bool:
+        """Publish from where Redis' cursor stands to the source's end and mark the job produced;
+        True if it was already marked."""
+        cursor = self._redis(self.publisher.cursor, "read the producer cursor")
+        if cursor.done:
+            progress(record.documents, record.documents)
+            return True
+        assert self.scan is not None
+        skip = frozenset(self.scan.duplicate_positions) if self.options.allow_duplicate_ids else frozenset()
+        rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip)
+        while True:
+            if cursor.next_pos:
+                log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,
+                         cursor.next_pos, record.documents)
+            self._publish_all(rules, cursor.next_seq, cursor.next_pos, record, report, progress)
+            if self.stopping() or self._redis(lambda: self.publisher.finish(record.documents), "finish the job"):
+                break
+            cursor = self._redis(self.publisher.cursor, "read the producer cursor")
+            if cursor.next_pos >= record.documents:  # cannot be: the record pins the source's size
+                raise SourceError("the producer cursor is past the end of the source; run it again")
+            # Redis lost the last batches between the last publish and the finish: publish them again.
+        return False
+
+    def _until_complete(self, record: JobRecord, report: ProducerReport, progress: Progress) -> None:
+        """Stay until the job is complete (settled, output final), holding the lock, and publish
+        again what Redis lost meanwhile: a restart from an AOF without its last second, or a
+        failover, can take the `done` mark and the last batches with it, and workers would then
+        wait for them forever."""
+        announced = False
+        while not self.stopping():
+            state = self._redis(self.publisher.progress, "watch the job")
+            if state.complete:
+                report.complete = True
+                return
+            if state.lock_holder != self.publisher.owner:  # Redis came back without it: take it again
+                self._hold_lock()
+            if not state.cursor.done:
+                log.warning("Redis lost the end of job %s's publishing (it is at document %d of %d): "
+                            "publishing again from there", self.keys.job, state.cursor.next_pos, record.documents)
+                self._redis(lambda: create_or_check(self.client, self.keys, record), "check the job record")
+                self._publish_rest(record, report, progress)
+                continue
+            if not announced:
+                log.info("job %s fully produced; staying until it is complete (--until-complete)", self.keys.job)
+                announced = True
+            self._redis(self.publisher.renew, "renew the producer lock")
+            deadline = time.monotonic() + self.options.watch_seconds
+            while time.monotonic() < deadline and not self.stopping():
+                time.sleep(0.05)
+
+    def _hold_lock(self) -> None:
+        """Renew the lock now; if another producer took it meanwhile, wait for it to be done."""
+        try:
+            self._redis(lambda: self.publisher.renew(force=True), "renew the producer lock")
+        except UsageError as exc:
+            log.warning("%s Waiting for that producer to finish.", exc)
+            self._redis(lambda: self.publisher.acquire(math.inf, stopping=self.stopping), "take the producer lock")
 
     def _publish_all(self, rules: BatchRules, seq: int, pos: int, record: JobRecord, report: ProducerReport,
                      progress: Progress) -> None:

@@ -6,11 +6,16 @@ batch only if `seq` is the next expected sequence number, then advances the curs
 reply, a second producer, a restarted one), and a producer that starts again reads the cursor and
 continues from exactly the next batch. Before publishing, the producer waits while the stream
 holds `backlog` entries or more; it never trims entries (contract 3).
+
+The same script records the new entry in the job's ledger (`embedq.ledger`): workers refuse
+entries embedq did not add. The producer holds the job's lock (`keys.producer_lock`, with a TTL it
+renews) while it runs, so that a job left unfinished with no lock holder is known to have stalled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -22,20 +27,23 @@ import redis
 
 from embedq.deadletter import DEAD_FIELD
 from embedq.errors import UsageError
+from embedq.job import FINALIZED_FIELD, is_complete
 from embedq.keys import JobKeys
-from embedq.protocol import PAYLOAD_FIELD
+from embedq.ledger import LEDGER_FROM, LEDGER_LUA
 
 log = logging.getLogger("embedq.producer")
 
-_PUBLISH = f"""
--- KEYS: 1 stream, 2 producer, 3 dead, 4 stats
+_PUBLISH = LEDGER_LUA + f"""
+-- KEYS: 1 stream, 2 producer, 3 dead, 4 stats, 5 ledger
 -- ARGV: 1 seq, 2 next pos, 3 payload ('' if none), 4 documents covered, 5 dead documents, then dead letters
 local expected = tonumber(redis.call('HGET', KEYS[2], 'next_seq') or '0')
 if tonumber(ARGV[1]) ~= expected then
   return {{'skip', expected, tonumber(redis.call('HGET', KEYS[2], 'next_pos') or '0')}}
 end
+-- The entry goes into the ledger with its seq in this same step: workers refuse unrecorded ones.
+redis.call('HSETNX', KEYS[2], '{LEDGER_FROM}', expected)
 if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD.decode()}', ARGV[3])
+  ledger_add(KEYS[1], KEYS[5], expected, ARGV[3])
   redis.call('HINCRBY', KEYS[2], 'batches', 1)
 end
 for i = 6, #ARGV do redis.call('XADD', KEYS[3], '*', '{DEAD_FIELD.decode()}', ARGV[i]) end
@@ -71,6 +79,20 @@ class Published:
     cursor: Cursor | None = None  # when not accepted: where Redis says publishing stands
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """The job as a producer that stays until it is complete (`--until-complete`) sees it."""
+
+    cursor: Cursor
+    stream_entries: int
+    finalized: bool
+    lock_holder: str | None
+
+    @property
+    def complete(self) -> bool:
+        return is_complete(self.cursor.done, self.stream_entries, self.finalized)
+
+
 class Publisher:
     """Publishes one job's batches."""
 
@@ -90,8 +112,10 @@ class Publisher:
         values = self.client.hmget(self.keys.producer, ["next_seq", "next_pos", "done"])
         return Cursor(int(values[0] or 0), int(values[1] or 0), values[2] == b"1")
 
-    def acquire(self, wait: float | None = None, *, log_wait: Callable[[str], None] = log.info) -> None:
-        """Take the job's producer lock; wait for a killed producer's lock to expire."""
+    def acquire(self, wait: float | None = None, *, log_wait: Callable[[str], None] = log.info,
+                stopping: Callable[[], bool] = lambda: False) -> bool:
+        """Take the job's producer lock; wait for a killed producer's lock to expire (up to `wait`
+        seconds, `math.inf` for as long as another producer holds it). False if stopped first."""
         deadline = time.monotonic() + (wait if wait is not None else self.lock_seconds + 5)
         announced = False
         while not self.client.set(self.keys.producer_lock, self.owner, nx=True, px=int(self.lock_seconds * 1000)):
@@ -101,22 +125,39 @@ class Publisher:
                     f"Another producer ({(holder or b'?').decode()}) is publishing job {self.keys.job!r}. "
                     "Wait for it to finish, or stop it first."
                 )
+            if stopping():
+                return False
             if not announced:
-                log_wait(f"job {self.keys.job!r} is locked by producer {(holder or b'?').decode()}; waiting up "
-                         f"to {self.lock_seconds:.0f} s for its lock to expire (a killed producer's does)")
+                limit = "until it finishes" if deadline == math.inf else f"up to {deadline - time.monotonic():.0f} s"
+                log_wait(f"job {self.keys.job!r} is locked by producer {(holder or b'?').decode()}; waiting {limit} "
+                         "for its lock to go (a killed producer's expires)")
                 announced = True
             time.sleep(0.5)
         self._lock_renewed = time.monotonic()
+        return True
 
-    def renew(self) -> None:
-        """Keep the lock while publishing (called often; renews at most every third of its life)."""
-        if time.monotonic() - self._lock_renewed < self.lock_seconds / 3:
+    def renew(self, *, force: bool = False) -> None:
+        """Keep the lock while publishing (called often; renews at most every third of its life,
+        or now if `force`, e.g. when Redis came back without it)."""
+        if not force and time.monotonic() - self._lock_renewed < self.lock_seconds / 3:
             return
         holder = self.client.get(self.keys.producer_lock)
         if holder is not None and holder.decode() != self.owner:
             raise UsageError(f"Producer lock of job {self.keys.job!r} was taken by {holder.decode()}; stopping.")
         self.client.set(self.keys.producer_lock, self.owner, px=int(self.lock_seconds * 1000))
         self._lock_renewed = time.monotonic()
+
+    def progress(self) -> JobProgress:
+        """The cursor, the stream's length, whether the output is final and who holds the lock:
+        what a producer staying until the job is complete watches (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.producer, ["next_seq", "next_pos", "done"])
+        pipe.xlen(self.keys.stream)
+        pipe.hget(self.keys.stats, FINALIZED_FIELD)
+        pipe.get(self.keys.producer_lock)
+        (next_seq, next_pos, done), entries, finalized, holder = pipe.execute()
+        return JobProgress(Cursor(int(next_seq or 0), int(next_pos or 0), done == b"1"), int(entries),
+                           finalized == b"1", None if holder is None else holder.decode())
 
     def release(self) -> None:
         if self.client.get(self.keys.producer_lock) == self.owner.encode():
@@ -141,7 +182,7 @@ class Publisher:
                 dead_letters: Sequence[bytes], dead_documents: int) -> Published:
         """Publish batch `seq` (covering positions up to `next_pos`) unless it is not the next one."""
         reply = self._publish(
-            keys=[self.keys.stream, self.keys.producer, self.keys.dead, self.keys.stats],
+            keys=[self.keys.stream, self.keys.producer, self.keys.dead, self.keys.stats, self.keys.ledger],
             args=[seq, next_pos, payload or b"", documents, dead_documents, *dead_letters])
         if reply[0] == b"ok":
             self._last_backlog = int(reply[1])

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from embedq.engines.base import Engine
     from embedq.tokenization import TokenizedDocs
-    from embedq.worker.worker import StageCounters
+    from embedq.worker.options import StageCounters
 
 log = logging.getLogger("embedq.bench")
 

@@ -7,6 +7,7 @@ flag is named in its signature only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -53,6 +54,7 @@ from embedq.cli.options import (
     TlsKeyOpt,
     TokenBudgetOpt,
     TokProcOpt,
+    UntilCompleteOpt,
     WindowOpt,
 )
 from embedq.cli.settings import connect, job_keys, load_model, settings_from, source_spec
@@ -80,7 +82,7 @@ _Status = TypeVar("_Status")
 
 @contextlib.contextmanager
 def _producer(client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo, settings: Settings,
-              stopping: Callable[[], bool] = lambda: False) -> Iterator[Producer]:
+              stopping: Callable[[], bool] = lambda: False, *, until_complete: bool = False) -> Iterator[Producer]:
     """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.tokenization import TokenizerPool
@@ -92,8 +94,8 @@ def _producer(client: redis.Redis, keys: JobKeys, source: Source, model: ModelIn
             if processes is None:
                 processes = max(0, (os.cpu_count() or 1) - 1)
             pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
-        yield Producer(client, keys, source, model, ProducerOptions.from_settings(settings), tokenizer=pool,
-                       stopping=stopping)
+        options = dataclasses.replace(ProducerOptions.from_settings(settings), until_complete=until_complete)
+        yield Producer(client, keys, source, model, options, tokenizer=pool, stopping=stopping)
 
 
 def produce(
@@ -105,12 +107,14 @@ def produce(
     model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
     batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
     allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None, pretokenize: PretokOpt = None,
+    until_complete: UntilCompleteOpt = False,
     redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Publish SOURCE as job NAME: batches go to the job's Redis stream for workers to embed.
 
-    Safe to kill and run again: it resumes after the last batch it published, never twice.
+    Safe to kill and run again: it resumes after the last batch it published, never twice. With
+    --until-complete it stays until the job is complete and publishes again what Redis loses.
     """
     from embedq.producer.sources import open_source
     from embedq.progress import ProgressReport
@@ -119,10 +123,15 @@ def produce(
     client = connect(settings)
     keys = job_keys(job, settings)
     info = load_model(settings)
-    with open_source(source_spec(ctx.params)) as src, _producer(client, keys, src, info, settings) as producer:
+    with open_source(source_spec(ctx.params)) as src, _producer(client, keys, src, info, settings,
+                                                                until_complete=until_complete) as producer:
         record = producer.prepare()
         with ProgressReport(f"produce {job}", record.documents) as bar:
             report = producer.run(progress=lambda done, total: bar.update(done))
+    if report.complete:
+        typer.echo(f"job {job}: complete; published {report.published_documents:,} documents in "
+                   f"{report.batches:,} batches in this run ({report.seconds:.1f} s)")
+        return
     if report.already_done:
         typer.echo(f"job {job}: already fully produced ({record.documents:,} documents); nothing to do")
         return
@@ -272,23 +281,29 @@ def run(
         scan = src.scan()
         name = job or _default_job_name(source, scan.fingerprint)
         keys = job_keys(name, settings)
-        producer = stack.enter_context(_producer(client, keys, src, info, settings))
+        # The producer thread stays until the job is complete: if Redis loses the end of its
+        # publishing (a restart without its last second), it publishes that again while the worker waits.
+        producer = stack.enter_context(_producer(client, keys, src, info, settings, until_complete=True))
         producer.scan = scan
         record = producer.prepare()
         stop = threading.Event()
-        failure: list[BaseException] = []
-        publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop), daemon=True,
-                                     name="embedq-producer")
         producer.stopping = stop.is_set
-        with _worker(client, keys, record, info, output, settings) as worker:
-            publisher.start()
-            with ProgressReport(f"embed {name}", record.documents) as bar, _poll(
-                    lambda: read_status(client, keys), lambda s: bar.update(s.settled_documents, s.tokens)):
-                try:
+        failure: list[BaseException] = []
+        workers: list[Worker] = []
+        publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop, workers), daemon=True,
+                                     name="embedq-producer")
+        publisher.start()  # before the engine is built: a resumed job has a producer from the start
+        try:
+            with _worker(client, keys, record, info, output, settings) as worker:
+                workers.append(worker)
+                if failure:
+                    worker.stop()
+                with ProgressReport(f"embed {name}", record.documents) as bar, _poll(
+                        lambda: read_status(client, keys), lambda s: bar.update(s.settled_documents, s.tokens)):
                     report = worker.run()
-                finally:
-                    stop.set()
-                    publisher.join(timeout=30)
+        finally:
+            stop.set()
+            publisher.join(timeout=30)
         if failure:
             raise failure[0]
         final = read_status(client, keys)
@@ -297,17 +312,25 @@ def run(
                f"{report.documents / max(report.seconds, 1e-9):,.0f} docs/s)")
     if final.dead_documents:
         typer.echo(f"dead letters (ids and reasons) are listed in {output.path / '_dead_letters.jsonl'}")
+    if report.stopped_by_signal and not report.job_complete:
+        # A first signal is a clean stop: what was embedded is committed, the rest handed back.
+        typer.echo("interrupted: run the same command again to resume")
+        return
     if not report.job_complete:
-        raise typer.Exit(130 if report.stopped_by_signal else 1)
+        raise typer.Exit(1)
 
 
-def _run_guarded(call: Callable[[], object], failure: list[BaseException], stop: threading.Event) -> None:
-    """Run `call` (the producer's thread); on any failure, keep it for the main thread and set `stop`."""
+def _run_guarded(call: Callable[[], object], failure: list[BaseException], stop: threading.Event,
+                 workers: list[Worker]) -> None:
+    """Run `call` (the producer's thread); on any failure, keep it for the main thread, set `stop`
+    and stop the worker (it would otherwise wait for batches that will not come)."""
     try:
         call()
     except BaseException as exc:
         failure.append(exc)
         stop.set()
+        for worker in workers:
+            worker.stop()
 
 
 @contextlib.contextmanager

@@ -87,6 +87,10 @@ AllowDupOpt = Annotated[bool | None, typer.Option(
     "--allow-duplicate-ids/--no-allow-duplicate-ids",
     help="Embed the first of several documents with the same id and dead-letter the others, instead of "
     "refusing the source.", rich_help_panel=_PRODUCER, show_default=False)]
+UntilCompleteOpt = Annotated[bool, typer.Option(
+    "--until-complete/--exit-when-published", help="Stay after publishing until the job is complete (settled "
+    "and its output final), publishing again whatever a Redis crash or failover lost; for services.",
+    rich_help_panel=_PRODUCER)]
 PretokOpt = Annotated[bool | None, typer.Option(
     "--pretokenize/--no-pretokenize", help="Tokenize in the producer, so token ids travel in the messages "
     "(moves tokenization to CPU nodes).", rich_help_panel=_PRODUCER, show_default=False)]
