@@ -16,7 +16,8 @@ import redis
 
 from embedq.documents import EMPTY_TEXT
 from embedq.keys import JobKeys
-from embedq.protocol import PAYLOAD_FIELD, SCHEMA_VERSION, BatchMessage, DocId, encode_batch
+from embedq.ledger import LEDGER_LUA, Refusal
+from embedq.protocol import SCHEMA_VERSION, BatchMessage, DocId, encode_batch
 
 DEAD_FIELD = b"d"
 
@@ -69,6 +70,17 @@ def for_unreadable(job: str, entry_id: str, raw: bytes, *, reason: str, error: s
                       payload=raw[:max_payload], replayable=False, code=code)
 
 
+def for_refused_entry(job: str, entry_id: str, raw: bytes, seq: int, refusal: Refusal, *, worker: str,
+                      deliveries: int = 0, max_payload: int = 1 << 20) -> DeadLetter:
+    """The dead letter of an entry embedq did not add (`embedq.ledger`): not replayable (replaying
+    would vouch for it), and with no document ids, since the job's own entry for that seq accounts
+    for them (so `verify --allow-dead-letters` does not count them twice). The message's ids stay in
+    its payload."""
+    return DeadLetter(job=job, entry_id=entry_id, seq=seq, pos=None, doc_ids=[], reason=refusal.reason,
+                      error=refusal.error, worker=worker, deliveries=deliveries, failed_at=time.time(),
+                      payload=raw[:max_payload], replayable=False, code=refusal.code)
+
+
 def subset(message: BatchMessage, rows: Sequence[int]) -> BatchMessage:
     """The same batch holding only `rows`, in the given order (token arrays sliced accordingly)."""
     ids = [message.ids[i] for i in rows]
@@ -117,10 +129,11 @@ def summary(entry: DeadEntry) -> dict[str, object]:
             "failed_at": letter.failed_at, "code": letter.code}
 
 
-_REPLAY = f"""
--- KEYS: 1 dead stream, 2 batch stream, 3 stats.  ARGV: 1 dead id, 2 payload, 3 documents
+_REPLAY = LEDGER_LUA + """
+-- KEYS: 1 dead stream, 2 batch stream, 3 stats, 4 ledger.  ARGV: 1 dead id, 2 payload, 3 documents, 4 seq
+-- The entry it adds is recorded in the ledger under the letter's seq, as the producer's would be.
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', '{PAYLOAD_FIELD.decode()}', ARGV[2])
+ledger_add(KEYS[2], KEYS[4], ARGV[4], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'docs_dead', -tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], 'docs_replayed', tonumber(ARGV[3]))
@@ -162,8 +175,8 @@ def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, 
         if message.v != SCHEMA_VERSION:
             skipped.append((entry.dead_id, f"schema version {message.v} is not this version's"))
             continue
-        moved = script(keys=[keys.dead, keys.stream, keys.stats],
-                       args=[entry.dead_id, encode_batch(message), len(message.ids)])
+        moved = script(keys=[keys.dead, keys.stream, keys.stats, keys.ledger],
+                       args=[entry.dead_id, encode_batch(message), len(message.ids), message.seq])
         if moved:
             replayed += len(message.ids)
     return replayed, skipped

@@ -17,7 +17,7 @@ The record and its entry are one script, so they are written, replicated and los
 crash and no lost write leaves a genuine entry unrecorded. Entry ids are assigned by Redis and only
 grow, so no writer can add an entry under an id already recorded. A worker reads the records of a
 window's entries and the cursor in one round trip (`read_ledger`) and dead-letters, never commits,
-an entry without one (`EntryLedger.refusal`, `refusal_letter`).
+an entry without one (`EntryLedger.refusal`, `deadletter.for_refused_entry`).
 
 Jobs begun by an embedq without the ledger: the publish script marks the first seq it recorded
 (`ledger_from` in the producer hash); entries below it, and every entry of a job without the mark,
@@ -26,13 +26,11 @@ are not checked, so a rolling upgrade refuses nothing genuine.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
 
-from embedq.deadletter import DeadLetter
 from embedq.keys import JobKeys
 from embedq.protocol import PAYLOAD_FIELD
 
@@ -107,13 +105,3 @@ def read_ledger(client: redis.Redis, keys: JobKeys, entry_ids: Sequence[str]) ->
     seqs = replies[1] if entry_ids else []
     return EntryLedger(recorded={e: int(s) for e, s in zip(entry_ids, seqs, strict=True) if s is not None},
                        next_seq=int(next_seq or 0), checked_from=None if since is None else int(since))
-
-
-def refusal_letter(job: str, entry_id: str, raw: bytes, seq: int, refusal: Refusal, *, worker: str,
-                   deliveries: int = 0, max_payload: int = 1 << 20) -> DeadLetter:
-    """The dead letter of a refused entry: not replayable (replaying would vouch for it), and with no
-    document ids, since the job's own entry for that seq accounts for them (so `verify
-    --allow-dead-letters` does not count them twice). The message's ids stay in its payload."""
-    return DeadLetter(job=job, entry_id=entry_id, seq=seq, pos=None, doc_ids=[], reason=refusal.reason,
-                      error=refusal.error, worker=worker, deliveries=deliveries, failed_at=time.time(),
-                      payload=raw[:max_payload], replayable=False, code=refusal.code)

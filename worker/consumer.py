@@ -5,12 +5,13 @@ New entries come from XREADGROUP. Entries left pending by another worker for lon
 *crash* on an entry when its worker's lease is gone and the entry was in that worker's working set
 (being tokenized or embedded, not merely held). Only crashes, never deliveries, count against a
 batch: a worker killed by someone else while it holds innocent batches blames none of them. A
-worker never reclaims its own entries: if its lease lapsed while it was working on them, it still
-has them.
+worker never reclaims the entries it still holds: if its lease lapsed while it was working on them,
+it has them still.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis
@@ -78,13 +79,15 @@ class StreamConsumer:
             return []
         return [Delivery(_text(entry_id), fields.get(PAYLOAD_FIELD), 1) for entry_id, fields in reply[0][1]]
 
-    def reclaim(self, count: int) -> list[Delivery]:
-        """Up to `count` entries other workers left idle past the lease, now owned by this consumer,
-        with their delivery and crash counts (see the module docstring)."""
+    def reclaim(self, count: int, held: Collection[str] = ()) -> list[Delivery]:
+        """Up to `count` entries left idle past the lease, now owned by this consumer, with their
+        delivery and crash counts (see the module docstring). Its own entries are skipped while it
+        `held`s them; one it no longer holds (Redis lost the settle that acknowledged it) is taken
+        back like any other."""
         rows = self.client.xpending_range(self.keys.stream, GROUP, min="-", max="+", count=count * 4 + 16,
                                           idle=self.lease_ms)
         taken = [(_text(r["message_id"]), _text(r["consumer"]), int(r["times_delivered"])) for r in rows
-                 if _text(r["consumer"]) != self.consumer][:count]
+                 if _text(r["consumer"]) != self.consumer or _text(r["message_id"]) not in held][:count]
         if not taken:
             return []
         owners = sorted({owner for _, owner, _ in taken})

@@ -21,6 +21,7 @@ import numpy as np
 
 from embedq import deadletter, documents
 from embedq.errors import ProtocolError
+from embedq.ledger import EntryLedger
 from embedq.protocol import NO_PAYLOAD, BatchMessage, DocId, Limits, decode_batch
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.consumer import Delivery
@@ -117,8 +118,10 @@ class Window:
     # -- building ----------------------------------------------------------------------------------
 
     @classmethod
-    def assemble(cls, deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str) -> Window:
-        """Decode and validate deliveries into a window (texts not yet tokenized)."""
+    def assemble(cls, deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str,
+                 ledger: EntryLedger | None = None) -> Window:
+        """Decode and validate deliveries into a window (texts not yet tokenized); with the `ledger`
+        of their entries, an entry embedq did not add is set aside, never embedded."""
         window = cls()
         for delivery in deliveries:
             try:
@@ -129,6 +132,12 @@ class Window:
                 window.dead_letter_entry(delivery.entry_id, deadletter.for_unreadable(
                     job, delivery.entry_id, delivery.raw or b"", reason="malformed message", error=str(exc),
                     worker=worker, deliveries=delivery.deliveries, code=exc.code))
+                continue
+            refusal = ledger.refusal(delivery.entry_id, message.seq) if ledger is not None else None
+            if refusal is not None:
+                window.dead_letter_entry(delivery.entry_id, deadletter.for_refused_entry(
+                    job, delivery.entry_id, delivery.raw or b"", message.seq, refusal, worker=worker,
+                    deliveries=delivery.deliveries))
                 continue
             window.entries.append(Entry(delivery.entry_id, message, delivery.deliveries, delivery.crashes))
         return window

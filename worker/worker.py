@@ -32,8 +32,9 @@ import redis
 from embedq import deadletter
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
-from embedq.job import JobRecord, check_model, job_complete, live_workers
+from embedq.job import JobRecord, check_model, job_complete, live_workers, producer_stalled
 from embedq.keys import JobKeys
+from embedq.ledger import EntryLedger, read_ledger
 from embedq.model import ModelInfo
 from embedq.tokenization import Encode, Tokenizer
 from embedq.worker.commit import Committer, PartCommit, Step, part_name, reconcile, write_manifest_file
@@ -83,6 +84,7 @@ class Worker:
         self._sizer = WindowSizer(window_docs=options.window_docs, window_seconds=options.window_seconds,
                                   lease_seconds=options.lease_seconds, batch_size=record.batch_size)
         self._stop_deadline: float | None = None  # set by a stop: in-flight work must end by then
+        self._stall_checked = time.monotonic() - 50  # the first check 10 s after the start
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
                                    vocab_size=model.vocab_size, max_tokens=model.max_seq_len, id_type=record.id_type)
         self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len).encode
@@ -186,7 +188,8 @@ class Worker:
             per_read = max(1, -(-target // batch_size))
             deliveries: list[Delivery] = []
             if time.monotonic() >= next_reclaim:
-                deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read), "reclaim batches")
+                held = set(self.in_flight.snapshot())
+                deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read, held), "reclaim batches")
                 next_reclaim = time.monotonic() + reclaim_every
             block = 200
             while len(deliveries) < per_read and not self._stop_reading.is_set():
@@ -210,9 +213,11 @@ class Worker:
             for suspect in suspects:
                 log.warning("batch %s: %d worker(s) died while working on it; embedding it alone",
                             suspect.entry_id, suspect.crashes)
+            entry_ids = [d.entry_id for d in deliveries]
+            ledger = self._redis(functools.partial(read_ledger, self.client, self.keys, entry_ids), "read the ledger")
             for group in groups:
                 if group and not self._stop_reading.is_set():
-                    self._put(self._ready, self._prepare(group), until_stop=True)
+                    self._put(self._ready, self._prepare(group, ledger), until_stop=True)
         self._put(self._ready, _END, until_stop=True)
 
     def _finished_or_idle(self, idle_since: float) -> bool:
@@ -222,16 +227,21 @@ class Worker:
                                                        "check the job state"):
             self.report.job_complete = True
             return True
+        if time.monotonic() - self._stall_checked > 60:
+            self._stall_checked = time.monotonic()
+            advice = self._redis(lambda: producer_stalled(self.client, self.keys), "check the producer")
+            if advice:
+                log.warning("job %s is waiting for batches no producer will publish: %s", self.keys.job, advice)
         idle_limit = self.options.idle_exit_seconds
         return idle_limit is not None and time.monotonic() - idle_since > idle_limit
 
-    def _prepare(self, deliveries: list[Delivery]) -> Window:
+    def _prepare(self, deliveries: list[Delivery], ledger: EntryLedger | None = None) -> Window:
         """Decode, split crash suspects, tokenize and sort (a window may end up with nothing to
         embed, but still with entries to settle)."""
         ids = [d.entry_id for d in deliveries]
         self.working.add(ids)
         try:
-            window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id)
+            window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id, ledger=ledger)
             self.faults.split_crash_suspects(window)
             self.report.stages.fetched += sum(len(e.message) for e in window.entries)
             window.tokenize(self._encode, self.rules, self.id)

@@ -66,13 +66,16 @@ class DeadJob:
 
 
 def kill_workers_on(client: redis.Redis, keys: JobKeys, seq: int, deaths: int) -> None:
-    """As if `deaths` workers had taken batch `seq` and died: its delivery count is raised; every other
-    batch was taken once by a worker that died too, so all are reclaimable at once."""
+    """As if `deaths` workers had died while embedding batch `seq`: its delivery and crash counts are
+    raised; every other batch was taken once by a worker that died merely holding it, so all are
+    reclaimable at once."""
     ensure_group(client, keys)
     taken = StreamConsumer(client, keys, "dead-worker", lease_ms=0).read_new(1000, 100)
     for number, delivery in enumerate(taken):
         client.xclaim(keys.stream, GROUP, "dead-worker", 0, [delivery.entry_id], idle=10**7,
                       retrycount=deaths if number == seq else None, justid=True)
+        if number == seq:
+            client.hset(keys.crashes, delivery.entry_id, deaths)
 
 
 def settled_job(docs: list[tuple[str, str]], client: redis.Redis, job_name: str, model_info: ModelInfo,
@@ -118,7 +121,7 @@ def test_dead_letter_list_shows_each_letter_with_reason_worker_and_deliveries(de
     assert "document over the size limit" in lines["huge"] and lines["huge"].endswith("(not replayable)")
     assert f"worker died processing it: 1 doc(s) ['fragile'] seq={FRAGILE_SEQ} worker={dead_job.report.worker} " \
            "deliveries=10" in lines["fragile"]
-    assert "delivered 10 times" in listed.stdout and f"over the limit of {MAX_DOC_BYTES}" in listed.stdout
+    assert "9 workers died or stalled while working on this document alone" in listed.stdout and f"over the limit of {MAX_DOC_BYTES}" in listed.stdout
 
     as_json = [json.loads(line) for line in dead_job.cli("dead-letter", "list", "--json").stdout.splitlines()]
     by_doc = {letter["doc_ids"][0]: letter for letter in as_json}

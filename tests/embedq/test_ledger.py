@@ -22,7 +22,6 @@ from embedq.ledger import (
     SEQ_REUSED,
     EntryLedger,
     read_ledger,
-    refusal_letter,
 )
 from embedq.producer.producer import Producer, ProducerOptions
 from embedq.producer.sources import SourceSpec, open_source
@@ -162,7 +161,7 @@ def test_a_refused_entrys_dead_letter_is_not_replayable_and_claims_no_document()
     ledger = EntryLedger(recorded={}, next_seq=3, checked_from=0)
     refusal = ledger.refusal("9-0", 0)
     assert refusal is not None
-    letter = refusal_letter("job", "9-0", b"raw", 0, refusal, worker="w", deliveries=1)
+    letter = deadletter.for_refused_entry("job", "9-0", b"raw", 0, refusal, worker="w", deliveries=1)
     assert not letter.replayable and letter.doc_ids == [] and letter.code == SEQ_REUSED and letter.seq == 0
     assert deadletter.why_not_replayable(letter, allow_empty=False) is not None
     assert "already published" in letter.reason and "9-0" in letter.error

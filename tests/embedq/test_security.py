@@ -34,9 +34,9 @@ from tests.worker.test_bad_input import OpensAFile
 # checked against these same rules. INFO is needed for the server version check at connect.
 EMBEDQ_ACL = [
     "resetchannels", "-@all", "+ping", "+info",
-    "+get", "+set", "+del", "+mget", "+scan",  # leases, the producer lock, `delete`
+    "+get", "+set", "+del", "+mget", "+scan", "+exists", "+expire",  # leases, the producer lock, `delete`
     "+hget", "+hset", "+hsetnx", "+hmget", "+hgetall", "+hincrby", "+hdel", "+hkeys", "+hexists",  # records
-    "+sadd", "+sismember",  # parts that recovery condemned
+    "+sadd", "+sismember", "+srem",  # parts that recovery condemned, entries a worker is working on
     "+xadd", "+xlen", "+xrange", "+xdel", "+xack", "+xreadgroup", "+xautoclaim", "+xclaim", "+xpending",
     "+xgroup|create",  # the streams
     "+evalsha", "+script|load",  # the publish, settle, split and replay scripts

@@ -199,13 +199,16 @@ def test_a_single_document_that_keeps_killing_workers_is_dead_lettered(redis_cli
     assert letter.reason == "worker died processing it" and "3 workers died" in letter.error
 
 
-def test_a_worker_never_reclaims_its_own_entries(redis_client, keys, model_info, tmp_path: Path) -> None:
+def test_a_worker_never_reclaims_the_entries_it_still_holds(redis_client, keys, model_info, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", ["a", "b"], ["one text", "another"])
     produce(redis_client, keys, model_info, source, batch_size=1)
     ensure_group(redis_client, keys)
     me = StreamConsumer(redis_client, keys, "me", lease_ms=0)
-    assert len(me.read_new(10, 100)) == 2
-    assert me.reclaim(10) == []  # idle past its lease, but still its own: it is working on them
+    held = [d.entry_id for d in me.read_new(10, 100)]
+    assert len(held) == 2
+    assert me.reclaim(10, held) == []  # idle past its lease, but still its own: it is working on them
+    # One it no longer holds (Redis lost the settle that acknowledged it) it takes back.
+    assert [d.entry_id for d in me.reclaim(10, held[:1])] == held[1:]
     other = StreamConsumer(redis_client, keys, "other", lease_ms=0)
     assert len(other.reclaim(10)) == 2
 
