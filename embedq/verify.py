@@ -1,6 +1,7 @@
 """`embedq verify`: is every source id in the committed output exactly once, with a valid embedding?
 
-Reads only parts the manifest lists (after rolling committed parts forward and removing orphans),
+Reads only parts the manifest lists (after rolling committed parts forward and setting orphans aside;
+a complete job's output is finalized first, see `worker/finalize.py`),
 checks each part's schema, dimension and values, and compares the multiset of output ids with
 the source's ids and the dead letters. Ids are compared as 64-bit hashes, so memory stays at
 about 8 bytes per document; examples of missing or repeated ids are then looked up by hash.
@@ -25,7 +26,8 @@ from embedq.errors import VerificationFailed
 from embedq.job import live_workers
 from embedq.keys import JobKeys
 from embedq.protocol import DocId
-from embedq.worker.commit import PartEntry, reconcile, write_manifest_file
+from embedq.worker.commit import PartEntry, Reconciliation, reconcile, write_manifest_file
+from embedq.worker.finalize import finalize_output
 from embedq.worker.output import OutputDir, open_output
 from embedq.worker.writer import read_metadata
 
@@ -69,7 +71,7 @@ class Verification:
     complete: bool = False
     allow_dead: bool = False
     rolled_forward: int = 0
-    orphans_removed: int = 0
+    orphans_removed: int = 0  # set aside (out of every reader's sight), deleted once the job is finalized
 
     @property
     def ok(self) -> bool:
@@ -97,7 +99,7 @@ class Verification:
             lines.append("  the job is not complete yet (producer unfinished or batches still in the stream)")
         if self.rolled_forward or self.orphans_removed:
             lines.append(f"  repaired: {self.rolled_forward} committed parts renamed, {self.orphans_removed} "
-                         "orphan parts removed")
+                         "orphan parts set aside")
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  {kind} e.g. {', '.join(map(repr, ids))}" for kind, ids in self.examples.items() if ids]
         return "\n".join(lines)
@@ -117,10 +119,10 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     result = Verification(job=keys.job, allow_dead=allow_dead)
     result.complete = job_complete(client, keys)
     output = open_output(out, create=False)
-    repaired = reconcile(client, keys, output, live_workers=set(live_workers(client, keys)),
-                         finished=result.complete)
+    repaired: Reconciliation = (finalize_output(client, keys, output, record) if result.complete else
+                                reconcile(client, keys, output, live_workers=set(live_workers(client, keys))))
     result.rolled_forward = len(repaired.rolled_forward)
-    result.orphans_removed = len(repaired.orphans_removed)
+    result.orphans_removed = len(repaired.orphans_set_aside)
     result.problems += [f"committed part {name} is missing from {output.path}" for name in repaired.missing]
 
     output_hashes = _check_parts(output, repaired.parts, record, result)

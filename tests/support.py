@@ -160,3 +160,13 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: 
 
 def committed(client: redis.Redis, keys: JobKeys) -> int:
     return int(client.hget(keys.stats, "docs_committed") or 0)
+
+
+def add_vouched(client: redis.Redis, keys: JobKeys, fields: dict[bytes, bytes], seq: int) -> str:
+    """XADD an entry and record it in the job's ledger under `seq`, as embedq's own scripts do:
+    for tests of what a worker does with content that a producer (of another version, say) vouched
+    for. An entry added without this is refused as not embedq's (`embedq.ledger`)."""
+    entry_id = client.xadd(keys.stream, fields)
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    client.hset(keys.ledger, text, seq)
+    return text

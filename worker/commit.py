@@ -1,23 +1,37 @@
 """The commit protocol: how a staged part and its batches become committed exactly once.
 
-    1. stage     write the part under `<name>.parquet.tmp`, fsync it        (writer.py)
+    1. stage     write the part under `.<name>.parquet.tmp`, fsync it      (writer.py)
     2. settle    one atomic Redis step: manifest entry + dead letters + XACK + XDEL + counters
     3. publish   rename to `<name>.parquet`, fsync the directory           (output.py)
 
 Step 2 runs as a Lua script: Redis executes it atomically and replicates it as one unit, exactly
 like MULTI/EXEC, but it can also *check* before writing, which MULTI/EXEC cannot without WATCH on
 keys every worker writes. It settles only if every stream entry of the part is still pending in
-the consumer group; an entry that is no longer pending was settled by another worker (it lost
-its lease and the batch was reclaimed), so the part is rewritten without it or dropped. Retrying
-after a lost reply is safe: a part already in the manifest answers "committed".
+the consumer group and recovery has not condemned the part; otherwise the writer drops the part
+and prepares it again without the entries settled elsewhere, under a new name. Retrying after a
+lost reply is safe: a part already in the manifest answers "committed".
 
-A crash after step 1 leaves a staged orphan (its batches are reclaimed and done again); a crash
-after step 2 leaves a committed part still under its staging name, which `reconcile` renames
-(roll forward). `reconcile` deletes a staged orphan only after condemning its name in Redis: a
-writer that merely looked dead (its lease lapsed) is then refused when it settles, and stages the
-part again under a new name, instead of committing a part whose file is gone. Visible parts the
-manifest does not list can only come from a Redis that lost acknowledged writes (failover, AOF
-`everysec`); `reconcile` removes them.
+Redis may lose the writes it acknowledged in its last second or so (AOF `everysec`, a failover;
+7.0 has no WAITAOF to wait for them). So recovery never deletes a part a lost write could bring
+back into the manifest: it moves it aside (`.<name>.parquet.set-aside`, which no glob matches and
+pyarrow.dataset skips), and any step that finds a committed part aside puts it back. Set-aside
+parts are deleted only by `finalize.prune_set_aside`, once the job is complete and final.
+
+Every state a crash or a lost Redis write can leave, and who repairs it ("recovery" is `reconcile`,
+run at worker start, by `embedq gc`, `embedq verify` and at the job's end, `finalize.py`):
+
+  died before/while staging, or staged and died   .tmp, not in the manifest   batches reclaimed after the lease
+                                                                               and redone; recovery sets the .tmp aside
+  staged, alive, but its lease lapsed             .tmp, not in the manifest   recovery condemns it (SADD), then sets it
+                                                                               aside; the settle is refused: restaged
+  ... and Redis lost that condemnation            .set-aside, settle passes   the writer's publish renames the set-aside
+                                                                               file (if it dies first, recovery does)
+  settled, died before the rename                 .tmp or .set-aside, listed  recovery renames it (roll forward)
+  settle lost by Redis, writer died               .tmp, not in the manifest   as "staged and died"
+  settle lost by Redis after the rename           visible, not listed         recovery sets it aside at once; redone
+  settle found entries settled elsewhere          the writer deletes its .tmp no one else may ever commit that name
+  job complete                                    -                           finalize.py: all writers taken for dead
+  committed, file deleted by hand                 listed, no file             an operator: `verify` lists its docs
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import redis
 
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
-from embedq.protocol import PAYLOAD_FIELD
+from embedq.ledger import LEDGER_LUA
 from embedq.worker.output import MANIFEST_FILE, OutputDir
 from embedq.worker.window import Window
 from embedq.worker.writer import PartWriter, StagedPart
@@ -73,7 +87,7 @@ class Outcome(Enum):
     SETTLED = "settled"  # this call committed it
     ALREADY = "already"  # the part was committed by an earlier try of this same call
     GONE = "gone"  # some entries were settled elsewhere; `gone` lists them
-    CONDEMNED = "condemned"  # recovery discarded the staged file (its writer looked dead): stage it again
+    CONDEMNED = "condemned"  # recovery set the staged file aside (its writer looked dead): stage it again
 
 
 @dataclass(frozen=True)
@@ -117,14 +131,17 @@ redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[5]))
 redis.call('HINCRBY', KEYS[3], 'docs_dead', tonumber(ARGV[6]))
 redis.call('HINCRBY', KEYS[3], 'entries_dead', tonumber(ARGV[7]))
 redis.call('HINCRBY', KEYS[3], 'entries_settled', n)
+redis.call('HDEL', KEYS[3], 'finalized')  -- the output changes: no longer final (finalize.py)
 return {'settled', redis.call('XLEN', KEYS[1])}
 """
 
-_SPLIT = f"""
--- KEYS: 1 stream, 2 failures.  ARGV: 1 group, 2 entry id, then the payloads that replace it
+_SPLIT = LEDGER_LUA + """
+-- KEYS: 1 stream, 2 failures, 3 ledger.  ARGV: 1 group, 2 entry id, then the payloads that replace it
+-- The halves inherit the entry's ledger record (its seq), and its record goes with it.
 local id = ARGV[2]
 if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then return 0 end
-for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', '{PAYLOAD_FIELD.decode()}', ARGV[i]) end
+local seq = ledger_take(KEYS[3], id)
+for i = 3, #ARGV do ledger_add(KEYS[1], KEYS[3], seq, ARGV[i]) end
 redis.call('XACK', KEYS[1], ARGV[1], id)
 redis.call('XDEL', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
@@ -189,8 +206,9 @@ class Committer:
 
     def split(self, entry_id: str, payloads: Sequence[bytes]) -> bool:
         """Replace a pending entry by new entries (halves of its batch), atomically; False if gone."""
-        return bool(self._retry(lambda: self._split(keys=[self.keys.stream, self.keys.failures],
-                                                    args=[GROUP, entry_id, *payloads]), "split a poison batch"))
+        keys = [self.keys.stream, self.keys.failures, self.keys.ledger]
+        return bool(self._retry(lambda: self._split(keys=keys, args=[GROUP, entry_id, *payloads]),
+                                "split a poison batch"))
 
 
 class Step(Enum):
@@ -207,7 +225,7 @@ class PartCommit:
 
     If the settle step finds entries that another worker settled first (GONE: this one lost its
     lease on them), or finds the staged part condemned by recovery (CONDEMNED: this worker was taken
-    for dead and its file deleted), the part is dropped and prepared again without those entries,
+    for dead and its file set aside), the part is dropped and prepared again without those entries,
     under a new name. `steps()` yields after each step, so tests can stop a commit anywhere, as a
     crash would.
     """
@@ -291,40 +309,45 @@ class Reconciliation:
     """What `reconcile` found and did."""
 
     parts: dict[str, PartEntry]
-    rolled_forward: list[str] = field(default_factory=list)
-    orphans_removed: list[str] = field(default_factory=list)
-    staged_removed: list[str] = field(default_factory=list)
-    staged_kept: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    rolled_forward: list[str] = field(default_factory=list)  # committed, renamed from staged or set aside
+    orphans_set_aside: list[str] = field(default_factory=list)  # visible, not committed
+    staged_set_aside: list[str] = field(default_factory=list)  # staged by a writer taken for dead
+    staged_kept: list[str] = field(default_factory=list)  # staged by a live writer
+    missing: list[str] = field(default_factory=list)  # committed, and no file anywhere
+    set_aside_deleted: list[str] = field(default_factory=list)  # proved unneeded by the finished job
+    finalized: bool = False  # set by `finalize.finalize_output`
 
 
 def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_workers: set[str],
-              finished: bool = False) -> Reconciliation:
-    """Bring the directory in line with the manifest: roll committed parts forward, remove orphans.
+              finished: bool = False, grace: float | None = None) -> Reconciliation:
+    """Bring the directory in line with the manifest: roll committed parts forward, set orphans aside.
 
     The directory is listed BEFORE the manifest is read: a part visible at listing time was renamed
     after its commit, so the later manifest read includes it. Staged orphans of live workers are
     kept (they may be about to commit) unless the job is `finished`; any other is condemned in
-    Redis before its file is deleted, so its writer, if alive after all, cannot commit it.
+    Redis before it is set aside, so its writer, if alive after all, cannot commit it. With
+    `finished`, set-aside parts the finished job does not need are then deleted (`prune_set_aside`).
     """
-    visible, staged = output.part_names(), output.staged_names()
+    output.remove_stale_probes()
+    visible, staged, aside = output.part_names(), output.staged_names(), output.set_aside_names()
     parts = manifest_entries(client, keys)
     report = Reconciliation(parts=parts)
-    for name in sorted(parts):
-        if name in visible:
-            continue
-        if name in staged:
+    for name in sorted(parts.keys() - visible):
+        if name in staged or name in aside:
             output.publish(name)
             report.rolled_forward.append(name)
         elif not output.final(name).exists():
             report.missing.append(name)
+    # Visible but not committed: Redis lost the commit (its batches are pending again and will be
+    # committed anew). Out of sight at once, so a glob reader does not see those documents twice.
     for name in sorted(visible - parts.keys()):
-        output.remove_orphan(name)
-        report.orphans_removed.append(name)
+        if output.move_aside(name, visible=True):
+            report.orphans_set_aside.append(name)
     doomed = [name for name in sorted(staged - parts.keys()) if finished or part_writer(name) not in live_workers]
     report.staged_kept = sorted(staged - parts.keys() - set(doomed))
     # A writer whose lease lapsed may be alive (idle, slow, cut off from Redis) and about to commit
-    # its staged part: condemn the name in Redis first, so that commit is refused, then delete it.
+    # its staged part: condemn the name in Redis first, so that commit is refused, then set it
+    # aside. Redis may lose the condemnation; the writer's publish then finds the file aside.
     verdicts = client.register_script(_CONDEMN)(keys=[keys.manifest, keys.condemned], args=doomed) if doomed else []
     for name, verdict in zip(doomed, verdicts, strict=True):
         if _text(verdict) == "committed":  # committed after the manifest was read: roll it forward
@@ -333,11 +356,14 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
             parts[name] = msgspec.json.decode(raw, type=PartEntry)
             output.publish(name)
             report.rolled_forward.append(name)
-        else:
-            output.discard(name)
-            report.staged_removed.append(name)
-    if report.orphans_removed or report.staged_removed:
+        elif output.move_aside(name, visible=False):
+            report.staged_set_aside.append(name)
+    if report.orphans_set_aside or report.staged_set_aside:
         output.sync_dir()
+    if finished and not report.missing:
+        from embedq.worker.finalize import SET_ASIDE_GRACE, prune_set_aside  # finalize builds on this module
+
+        report.set_aside_deleted = prune_set_aside(client, keys, output, SET_ASIDE_GRACE if grace is None else grace)
     return report
 
 

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedq import deadletter
 from embedq.connection import retry_redis
 from embedq.engines.base import Engine
 from embedq.job import JobRecord, check_model, job_complete, live_workers, producer_stalled
@@ -37,12 +36,13 @@ from embedq.keys import JobKeys
 from embedq.ledger import EntryLedger, read_ledger
 from embedq.model import ModelInfo
 from embedq.tokenization import Encode, Tokenizer
-from embedq.worker.commit import Committer, PartCommit, Step, part_name, reconcile, write_manifest_file
+from embedq.worker.commit import Committer, PartCommit, Reconciliation, Step, part_name, reconcile
 from embedq.worker.consumer import Delivery, StreamConsumer, ensure_group
 from embedq.worker.faults import FaultIsolation
+from embedq.worker.finalize import finalize_output, record_output
 from embedq.worker.lease import InFlight, Lease, WorkingSet
 from embedq.worker.options import WorkerOptions, WorkerReport
-from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
+from embedq.worker.output import OutputDir
 from embedq.worker.pipeline import END, Work, embed_stream
 from embedq.worker.signals import drain_on_signal
 from embedq.worker.window import DocumentRules, Window, WindowSizer
@@ -114,9 +114,8 @@ class Worker:
         """Work until the job is complete (or a signal, or a fatal error); returns the report."""
         self._redis(lambda: ensure_group(self.client, self.keys), "create the consumer group")
         self.output.claim(self.keys.job)
-        recovered = self._redis(lambda: reconcile(self.client, self.keys, self.output,
-                                                  live_workers=set(live_workers(self.client, self.keys))),
-                                "recover parts left by earlier workers")
+        self._redis(lambda: record_output(self.client, self.keys, self.output), "record the output location")
+        recovered = self._recover("recover parts left by earlier workers")
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
         signals = drain_on_signal(self.stop) if install_signals else contextlib.nullcontext(bool)
@@ -147,19 +146,9 @@ class Worker:
         return self.report
 
     def finalize(self) -> None:
-        """Roll committed parts forward, remove orphans, write `_manifest.json` and, if any, the dead
-        letters as `_dead_letters.jsonl` (the output directory then describes itself without Redis)."""
-        finished = self._redis(lambda: reconcile(self.client, self.keys, self.output, live_workers=set(),
-                                                 finished=True), "finalize the output")
-        if finished.missing:
-            log.error("committed parts are missing from %s: %s; `embedq verify` reports them",
-                      self.output.path, ", ".join(finished.missing[:10]))
-        dead = self._redis(lambda: deadletter.list_dead(self.client, self.keys), "list dead letters")
-        if dead:
-            self.output.write_lines(DEAD_LETTERS_FILE, [deadletter.summary(entry) for entry in dead])
-        write_manifest_file(self.output, self.keys.job, finished.parts, complete=not finished.missing,
-                            extra={**self.record.model_fields(), "dead_letters": sum(
-                                len(e.letter.doc_ids) for e in dead)})
+        """Make the complete job's output final: every committed part visible, orphans set aside,
+        `_manifest.json` and `_dead_letters.jsonl` written, then `finalized` recorded in Redis."""
+        finalize_output(self.client, self.keys, self.output, self.record, retry=self._redis)
 
     def stop(self) -> None:
         """Stop reading; finish and commit what is on the engine, hand back what is not, within
@@ -191,6 +180,8 @@ class Worker:
                 held = set(self.in_flight.snapshot())
                 deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read, held), "reclaim batches")
                 next_reclaim = time.monotonic() + reclaim_every
+                if deliveries:  # a batch redone may have a part from a lost settle: set it aside now
+                    self._recover("set orphan parts aside")
             block = 200
             while len(deliveries) < per_read and not self._stop_reading.is_set():
                 got = self._redis(functools.partial(self.consumer.read_new, per_read - len(deliveries), block),
@@ -324,6 +315,11 @@ class Worker:
     def _next_part_name(self) -> str:
         with self._parts_lock:
             return part_name(next(self._parts), self.id)
+
+    def _recover(self, what: str) -> Reconciliation:
+        """Roll committed parts forward, set orphans aside (recovery as every worker start runs it)."""
+        return self._redis(lambda: reconcile(self.client, self.keys, self.output,
+                                             live_workers=set(live_workers(self.client, self.keys))), what)
 
     def _count_failure(self, entry: str) -> None:
         self._redis(lambda: self.client.hincrby(self.keys.failures, entry, 1), "count a failure")

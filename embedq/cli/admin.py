@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from embedq.cli.options import AsJsonOpt, JobOpt, OutOpt, PrefixOpt, RedisOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt
 from embedq.cli.settings import job_in_redis
 from embedq.errors import UsageError
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from embedq.keys import JobKeys
 
 # Skipped dead letters `dead-letter replay` lists one by one; the rest are counted.
 _SKIPPED_SHOWN = 20
@@ -97,6 +102,9 @@ def dead_replay(
     job: JobOpt,
     ids: Annotated[list[str] | None, typer.Option("--id", help="Dead letter id (repeatable). Default: all.",
                                                    show_default=False)] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The job's output directory, whose "
+                                            "_dead_letters.jsonl is brought up to date. Default: the one its "
+                                            "workers recorded.", show_default=False)] = None,
     redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
@@ -117,6 +125,27 @@ def dead_replay(
         typer.echo(f"  skipped {dead_id}: {reason}")
     if len(skipped) > _SKIPPED_SHOWN:
         typer.echo(f"  ... and {len(skipped) - _SKIPPED_SHOWN} more skipped")
+    if documents:
+        _refresh_dead_letters_file(client, keys, out)
+
+
+def _refresh_dead_letters_file(client: Redis, keys: JobKeys, out: str | None) -> None:
+    """After a replay, `_dead_letters.jsonl` must not list the replayed documents any more."""
+    from embedq.errors import OutputError
+    from embedq.worker.finalize import recorded_output, write_dead_letters_file
+    from embedq.worker.output import DEAD_LETTERS_FILE, open_output
+
+    location = out or recorded_output(client, keys)
+    if location is None:
+        typer.echo(f"  note: the output directory is not known; if it holds {DEAD_LETTERS_FILE}, run this again "
+                   "with --out DIR, or `embedq gc --out DIR` once the job is complete, to bring it up to date")
+        return
+    try:
+        left = write_dead_letters_file(client, keys, open_output(location, create=False), only_if_present=True)
+    except OutputError as exc:
+        typer.echo(f"  note: {DEAD_LETTERS_FILE} in {location} was not updated: {exc}", err=True)
+        return
+    typer.echo(f"  {DEAD_LETTERS_FILE} in {location}: " + (f"{left:,} documents left" if left else "removed"))
 
 
 def gc(
@@ -125,18 +154,24 @@ def gc(
     redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
-    """Remove orphan parts (written but never committed) and roll committed ones forward."""
-    from embedq.job import job_complete, live_workers
-    from embedq.worker.commit import reconcile
+    """Set orphan parts aside (written but never committed), roll committed ones forward, and
+    finalize a complete job's output (_manifest.json, deleting what was set aside)."""
+    from embedq import job as job_record
+    from embedq.worker.finalize import finalize_output
     from embedq.worker.output import open_output
 
     client, keys = job_in_redis(ctx, job)
     output = open_output(out, create=False)
-    result = reconcile(client, keys, output, live_workers=set(live_workers(client, keys)),
-                       finished=job_complete(client, keys))
+    result = finalize_output(client, keys, output, job_record.require(client, keys))
     typer.echo(f"job {job}: {len(result.parts)} committed parts; rolled forward {len(result.rolled_forward)}, "
-               f"removed {len(result.orphans_removed)} visible and {len(result.staged_removed)} staged orphans; "
+               f"removed {len(result.orphans_set_aside)} visible and {len(result.staged_set_aside)} staged orphans; "
                f"kept {len(result.staged_kept)} staged parts of live workers")
+    if result.orphans_set_aside or result.staged_set_aside:
+        typer.echo("  orphans are set aside as .part-*.parquet.set-aside (no reader sees them) until the job is "
+                   "finalized")
+    if result.finalized:
+        typer.echo(f"  the job is complete and its output final: _manifest.json written, "
+                   f"{len(result.set_aside_deleted)} set-aside parts deleted")
     if result.missing:
         typer.echo(f"warning: {len(result.missing)} committed parts are missing from {output.path}: "
                    + ", ".join(result.missing[:10]), err=True)

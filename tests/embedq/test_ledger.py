@@ -1,8 +1,7 @@
 """The entry ledger: entries embedq added pass, entries written straight into the stream are refused.
 
-The split and replay scripts below are `worker/commit.py`'s `_SPLIT` and `embedq/deadletter.py`'s
-`_REPLAY` with the ledger's two calls added (`ledger_take` + `ledger_add`, `ledger_add`): the
-change those scripts take to keep their entries valid.
+Crash isolation's split (`Committer.split`) and `dead-letter replay` (`deadletter.replay`) add
+entries too; theirs must pass, and a hostile entry split in halves must stay refused.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import redis
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.ledger import (
-    LEDGER_LUA,
     SEQ_BEYOND_CURSOR,
     SEQ_MISMATCH,
     SEQ_REUSED,
@@ -26,30 +24,9 @@ from embedq.ledger import (
 from embedq.producer.producer import Producer, ProducerOptions
 from embedq.producer.sources import SourceSpec, open_source
 from embedq.protocol import PAYLOAD_FIELD, SCHEMA_VERSION, BatchMessage, encode_batch
+from embedq.worker.commit import Committer
 from tests.lossy_redis import LossyRedis
 from tests.support import produce, write_jsonl
-
-SPLIT_WITH_LEDGER = LEDGER_LUA + """
--- KEYS: 1 stream, 2 failures, 3 ledger.  ARGV: 1 group, 2 entry id, then the payloads that replace it
-local id = ARGV[2]
-if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then return 0 end
-local seq = ledger_take(KEYS[3], id)
-for i = 3, #ARGV do ledger_add(KEYS[1], KEYS[3], seq, ARGV[i]) end
-redis.call('XACK', KEYS[1], ARGV[1], id)
-redis.call('XDEL', KEYS[1], id)
-redis.call('HDEL', KEYS[2], id)
-return 1
-"""
-
-REPLAY_WITH_LEDGER = LEDGER_LUA + """
--- KEYS: 1 dead stream, 2 batch stream, 3 stats, 4 ledger.  ARGV: 1 dead id, 2 payload, 3 documents, 4 seq
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-ledger_add(KEYS[2], KEYS[4], ARGV[4], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'docs_dead', -tonumber(ARGV[3]))
-redis.call('HINCRBY', KEYS[3], 'docs_replayed', tonumber(ARGV[3]))
-return 1
-"""
 
 
 @pytest.fixture
@@ -98,18 +75,16 @@ def test_split_halves_and_replayed_letters_pass_and_a_split_hostile_entry_stays_
     bad = hostile(redis_client, keys, seq=1, pos=10)
     redis_client.xgroup_create(keys.stream, GROUP, id="0")
     redis_client.xreadgroup(GROUP, "w", {keys.stream: ">"}, count=10)
-    split = redis_client.register_script(SPLIT_WITH_LEDGER)
+    committer = Committer(redis_client, keys, "w")
     published = entries(redis_client, keys)
     first, message = next(iter(published.items()))
     for entry_id, msg in ((first, message), (bad, published[bad])):
         halves = [encode_batch(deadletter.subset(msg, range(0, 1))), encode_batch(deadletter.subset(msg, range(1, 2)))]
-        assert split(keys=[keys.stream, keys.failures, keys.ledger], args=[GROUP, entry_id, *halves]) == 1
+        assert committer.split(entry_id, halves)
     letter = deadletter.for_documents(message, [5], entry_id=first, reason="embedding failed", error="boom",
                                       worker="w")
-    dead_id = redis_client.xadd(keys.dead, {deadletter.DEAD_FIELD: deadletter.encode(letter)})
-    replay = redis_client.register_script(REPLAY_WITH_LEDGER)
-    assert replay(keys=[keys.dead, keys.stream, keys.stats, keys.ledger],
-                  args=[dead_id, letter.payload, 1, letter.seq]) == 1
+    redis_client.xadd(keys.dead, {deadletter.DEAD_FIELD: deadletter.encode(letter)})
+    assert deadletter.replay(redis_client, keys, deadletter.list_dead(redis_client, keys))[0] == 1
     found, codes = entries(redis_client, keys), refusals(redis_client, keys)
     assert first not in found and bad not in found
     same_seq = [e for e, m in found.items() if m.seq == message.seq]

@@ -43,12 +43,13 @@ from embedq.protocol import (
 )
 from embedq.verify import verify_job
 from tests.embedq.test_cli import embedq
-from tests.support import produce, run_worker, write_jsonl
+from tests.support import add_vouched, produce, run_worker, write_jsonl
 
 N_DOCS = 600
 LIMITS = Limits(max_message_bytes=64 << 10, max_doc_bytes=4096)  # small, so "oversized" stays cheap
 VOCAB = 30522  # MiniLM's vocabulary, which the tiny model shares
 CLS, SEP = 101, 102
+SEQ = 10_000  # the crafted entries' sequence number; they are recorded in the ledger as embedq's own
 SCHEMA = "message does not match the batch schema"  # embedq's words; what follows them is msgspec's
 
 
@@ -65,7 +66,7 @@ class BadEntry:
 
 
 def message(job: str, ids: list[Any], texts: list[Any] | None = None, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"v": 1, "job": job, "seq": 10_000, "pos": 10_000, "ids": ids, **fields}
+    body: dict[str, Any] = {"v": 1, "job": job, "seq": SEQ, "pos": 10_000, "ids": ids, **fields}
     if texts is not None:
         body["texts"] = texts
     return body
@@ -202,10 +203,10 @@ def test_every_bad_entry_is_dead_lettered_with_its_reason_and_the_rest_of_the_jo
     marker = tmp_path / "unpickled"
     cases = bad_entries(job_name, marker)
     assert len(cases) >= 20
-    injected = {redis_client.xadd(keys.stream, case.fields).decode(): case for case in cases}
+    injected = {add_vouched(redis_client, keys, case.fields, SEQ): case for case in cases}
     # Ids that collide: one with a document of another batch, one repeated inside a single message.
-    redis_client.xadd(keys.stream, entry(message(job_name, ["d5", "ok-collide"], ["another d5", "fine"])))
-    redis_client.xadd(keys.stream, entry(message(job_name, ["twice", "twice"], ["once", "and again"])))
+    add_vouched(redis_client, keys, entry(message(job_name, ["d5", "ok-collide"], ["another d5", "fine"])), SEQ)
+    add_vouched(redis_client, keys, entry(message(job_name, ["twice", "twice"], ["once", "and again"])), SEQ)
 
     out = tmp_path / "out"
     report = run_worker(redis_client, keys, record, tiny, tiny_engine, out)
@@ -256,7 +257,7 @@ def test_an_oversized_document_is_dead_lettered_alone_and_its_batch_mates_are_em
         redis_client, job_name: str, tiny_model: Path, tiny_engine, gloss_texts: list[str], tmp_path: Path) -> None:
     keys, tiny, record = small_job(redis_client, job_name, tiny_model, gloss_texts, tmp_path,
                                    [f"d{i}" for i in range(100)])
-    redis_client.xadd(keys.stream, entry(message(job_name, ["huge", "ok-huge"], ["z" * 5000, "fine"])))
+    add_vouched(redis_client, keys, entry(message(job_name, ["huge", "ok-huge"], ["z" * 5000, "fine"])), SEQ)
     out = tmp_path / "out"
     assert run_worker(redis_client, keys, record, tiny, tiny_engine, out).job_complete
     (dead,) = list_dead(redis_client, keys)
@@ -280,7 +281,7 @@ def test_an_id_of_the_wrong_type_is_dead_lettered_instead_of_stopping_the_worker
         source_ids: list[Any], wrong_id: Any) -> None:
     keys, tiny, record = small_job(redis_client, job_name, tiny_model, gloss_texts, tmp_path, source_ids)
     mate = source_ids[0] if isinstance(source_ids[0], str) else 10_000
-    redis_client.xadd(keys.stream, entry(message(job_name, [wrong_id, mate], ["wrong id type", "fine"])))
+    add_vouched(redis_client, keys, entry(message(job_name, [wrong_id, mate], ["wrong id type", "fine"])), SEQ)
     report = run_worker(redis_client, keys, record, tiny, tiny_engine, tmp_path / "out")
     assert report.job_complete
     (dead,) = list_dead(redis_client, keys)

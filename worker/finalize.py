@@ -1,0 +1,123 @@
+"""Finalizing a job's output: once every batch is settled, make the directory final and say so.
+
+`finalize_output` runs at the job's end (the worker that sees it complete), by `embedq gc` on a
+complete job, and by `embedq verify`. It runs recovery with every writer taken for dead (commit.py:
+committed parts renamed, orphans set aside), writes `_dead_letters.jsonl` and `_manifest.json`, and
+only then records `finalized` in the job's stats hash, which `status` reads: "complete" means the
+output is final, not merely that the stream is empty. A settle after that (a dead-letter replay
+embedded) clears the flag again in the same atomic step. `record_output` stores where the output
+is, for `status` and `dead-letter replay`.
+
+Set-aside parts (commit.py) are deleted here, and only here: once the job is complete, every part
+the manifest lists is visible, and the part has been aside for `SET_ASIDE_GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from embedq import deadletter
+from embedq.job import FINALIZED_FIELD, OUTPUT_FIELD, JobRecord, job_complete, live_workers
+from embedq.keys import JobKeys
+from embedq.worker.commit import Reconciliation, Retry, reconcile, write_manifest_file
+from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
+
+log = logging.getLogger("embedq.worker")
+
+# A set-aside part can be needed again only if Redis loses the condemnation that put it aside, and
+# with it every write since. Deleting it no sooner than this after it was set aside (and after
+# reading the job's state again) means that would take losing more than this many seconds of
+# acknowledged writes: AOF `everysec` loses about 1 s, 2 s at worst when the disk stalls fsync.
+SET_ASIDE_GRACE = 3.0
+
+_FINALIZE = f"""
+-- KEYS: 1 stream, 2 manifest, 3 stats.  ARGV: 1 parts the finalized directory holds
+-- Nothing may have been settled since the directory was made final.
+if redis.call('XLEN', KEYS[1]) ~= 0 or redis.call('HLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[3], '{FINALIZED_FIELD}', 1)
+return 1
+"""
+
+
+def _once(call: Callable[[], Any], what: str) -> Any:
+    return call()
+
+
+def record_output(client: redis.Redis, keys: JobKeys, output: OutputDir) -> None:
+    """Record where the job's output is (`HSET <stats> output <absolute path>`)."""
+    client.hset(keys.stats, OUTPUT_FIELD, str(output.path))
+
+
+def recorded_output(client: redis.Redis, keys: JobKeys) -> str | None:
+    """The output directory `record_output` recorded, if any."""
+    raw = client.hget(keys.stats, OUTPUT_FIELD)
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, record: JobRecord, *,
+                    retry: Retry | None = None, grace: float = SET_ASIDE_GRACE) -> Reconciliation:
+    """Make a complete job's output final: recovery, `_dead_letters.jsonl`, `_manifest.json`, then
+    `finalized` in Redis. A job not complete (yet) only gets recovery, for live writers' sake."""
+    run: Retry = retry or _once
+    if not run(lambda: job_complete(client, keys), "check the job state"):
+        return run(lambda: reconcile(client, keys, output, live_workers=set(live_workers(client, keys))),
+                   "recover the output")
+    done: Reconciliation = run(lambda: reconcile(client, keys, output, live_workers=set(), finished=True,
+                                                 grace=grace), "finalize the output")
+    if done.missing:
+        log.error("committed parts are missing from %s: %s; `embedq verify` reports their documents",
+                  output.path, ", ".join(done.missing[:10]))
+    dead = run(lambda: write_dead_letters_file(client, keys, output), "list dead letters")
+    write_manifest_file(output, keys.job, done.parts, complete=not done.missing,
+                        extra={**record.model_fields(), "dead_letters": dead})
+    if not done.missing:
+        script = client.register_script(_FINALIZE)
+        done.finalized = bool(run(lambda: script(keys=[keys.stream, keys.manifest, keys.stats],
+                                                 args=[len(done.parts)]), "record the output as final"))
+    return done
+
+
+def write_dead_letters_file(client: redis.Redis, keys: JobKeys, output: OutputDir, *,
+                            only_if_present: bool = False) -> int:
+    """Write the job's dead letters as `_dead_letters.jsonl`, or remove the file when there are none
+    (a replay emptied them); returns how many documents they hold. With `only_if_present`, a
+    directory without the file is left alone (its job was never finalized)."""
+    path = output.path / DEAD_LETTERS_FILE
+    if only_if_present and not path.exists():
+        return 0
+    letters = deadletter.list_dead(client, keys)
+    if letters:
+        output.write_lines(DEAD_LETTERS_FILE, [deadletter.summary(entry) for entry in letters])
+    else:
+        output.remove_file(DEAD_LETTERS_FILE)
+    return sum(len(entry.letter.doc_ids) for entry in letters)
+
+
+def prune_set_aside(client: redis.Redis, keys: JobKeys, output: OutputDir, grace: float) -> list[str]:
+    """Delete the set-aside parts a complete job does not need; returns their names.
+
+    Only parts set aside at least `grace` seconds ago (waiting for the youngest if need be), and
+    only if, read after the wait, the job is still complete and every part its manifest lists is
+    visible: a write lost meanwhile shows as an incomplete job, and then nothing is deleted.
+    """
+    ages = {name: output.set_aside_age(name) for name in output.set_aside_names()}
+    youngest = min((age for age in ages.values() if age is not None), default=grace)
+    if youngest < grace:
+        time.sleep(grace - youngest)
+    committed = {name.decode() if isinstance(name, bytes) else str(name) for name in client.hkeys(keys.manifest)}
+    if not job_complete(client, keys) or not committed <= output.part_names():
+        return []
+    doomed = []
+    for name in sorted(ages.keys() - committed):
+        age = output.set_aside_age(name)
+        if age is not None and age >= grace:  # not set aside again during the wait
+            output.delete_set_aside(name)
+            doomed.append(name)
+    if doomed:
+        output.sync_dir()
+    return doomed
