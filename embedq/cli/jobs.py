@@ -56,6 +56,7 @@ from embedq.cli.options import (
     TokProcOpt,
     UntilCompleteOpt,
     WindowOpt,
+    WindowSecondsOpt,
 )
 from embedq.cli.settings import connect, job_keys, load_model, settings_from, source_spec
 from embedq.config import Settings
@@ -211,6 +212,7 @@ def work(
     model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
     threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None,
     tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None,
+    window_seconds: WindowSecondsOpt = None,
     lease_seconds: LeaseOpt = None, max_failures: FailuresOpt = None, max_deliveries: DeliveriesOpt = None,
     shutdown_timeout: ShutdownOpt = None, output_dtype: DtypeOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
@@ -255,7 +257,8 @@ def run(
     allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None,
     backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, threads: ThreadsOpt = None,
     token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
-    cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, output_dtype: DtypeOpt = None,
+    cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, window_seconds: WindowSecondsOpt = None,
+    output_dtype: DtypeOpt = None,
     pretokenize: PretokOpt = None, redis: RedisOpt = None, key_prefix: PrefixOpt = None,
     tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
 ) -> None:

@@ -123,8 +123,12 @@ GraphsOpt = Annotated[bool | None, typer.Option(
     "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA). Default: on.",
     rich_help_panel=_WORKER, show_default=False)]
 WindowOpt = Annotated[int | None, typer.Option(
-    "--window-docs", help="Documents sorted by length together and written as one part. Default: 16384.",
-    rich_help_panel=_WORKER, show_default=False)]
+    "--window-docs", help="At most this many documents sorted by length together and written as one part. "
+    "Default: 16384.", rich_help_panel=_WORKER, show_default=False)]
+WindowSecondsOpt = Annotated[float | None, typer.Option(
+    "--window-seconds", help="A window also closes after about this many seconds of engine work at the measured "
+    "speed (at most a third of the lease), so slow devices commit often. Default: 5.", rich_help_panel=_WORKER,
+    show_default=False)]
 LeaseOpt = Annotated[float | None, typer.Option(
     "--lease-seconds", help="A worker silent this long loses its batches to others. Default: 30.",
     rich_help_panel=_WORKER, show_default=False)]
@@ -132,10 +136,12 @@ FailuresOpt = Annotated[int | None, typer.Option(
     "--max-failures", help="Failed attempts before a document is dead-lettered. Default: 3.",
     rich_help_panel=_WORKER, show_default=False)]
 DeliveriesOpt = Annotated[int | None, typer.Option(
-    "--max-deliveries", help="Deliveries without a commit (workers dying on it) before a batch is split to "
-    "find the culprit. Default: 5.", rich_help_panel=_WORKER, show_default=False)]
+    "--max-deliveries", help="Workers that died while working on a batch before it is split to find the culprit "
+    "(a lone document is then dead-lettered); workers that merely held it do not count. Default: 5.",
+    rich_help_panel=_WORKER, show_default=False)]
 ShutdownOpt = Annotated[float | None, typer.Option(
-    "--shutdown-timeout", help="Seconds to finish in-flight work after SIGTERM. Default: 60.",
+    "--shutdown-timeout", help="Seconds to finish the work on the engine after SIGTERM or Ctrl-C; the rest is "
+    "handed back at once. Default: 60.",
     rich_help_panel=_WORKER, show_default=False)]
 DtypeOpt = Annotated[str | None, typer.Option(
     "--output-dtype", help="float32 or float16 embeddings in the Parquet output. Default: float32.",
