@@ -77,8 +77,9 @@ def test_a_second_signal_exits_at_once_and_loses_nothing(redis_client, keys, mod
     # The real model and large windows: the worker is surely mid-window when the signals come.
     produce(redis_client, keys, model_info, source, batch_size=50)
     out, log = tmp_path / "out", tmp_path / "worker.log"
+    # Windows of up to 30 s of work: the first signal finds one on the engine and waits for it.
     worker = embedq_process("work", "--job", keys.job, "--out", str(out), "--redis", redis_url, "--window-docs",
-                            "1000", log=log)
+                            "1000", "--window-seconds", "30", "--lease-seconds", "90", log=log)
     wait_until(lambda: committed(redis_client, keys) > 0, 120, "a first commit")
     worker.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # two separate signals (the kernel merges a signal sent while the same one is pending)
