@@ -81,3 +81,62 @@ def test_every_package_folder_is_declared_so_a_regular_install_ships_it() -> Non
             on_disk.add(".".join([name, *relative]))
     assert on_disk == declared, f"declare in pyproject.toml: {sorted(on_disk - declared)}; " \
                                 f"gone: {sorted(declared - on_disk)}"
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the installed layout, by its import name."""
+    folders = {"embedq": ROOT / "embedq", **{f"embedq.{w}": p for w, p in WINGS.items()}}
+    modules: dict[str, Path] = {}
+    for name, folder in folders.items():
+        for path in folder.rglob("*.py"):
+            if name == "embedq" and path.relative_to(folder).parts[0] in WINGS:
+                continue
+            parts = [*path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([name, *parts])] = path
+    return modules
+
+
+def _top_level_imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The embedq modules a module imports when it is imported (not lazily, not for type checking)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *filter(None, [base])])
+            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        found.update(t for t in targets if t in modules and t != name)
+    return found
+
+
+def test_no_import_cycles_between_modules() -> None:
+    modules = _module_files()
+    graph = {name: _top_level_imports(path, name, modules) for name, path in modules.items()}
+    # A package's __init__ may import its own submodules (a registry's re-exports); that is no cycle.
+    graph = {n: {m for m in deps if not m.startswith(n + ".")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(dep):], dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
