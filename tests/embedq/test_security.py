@@ -35,7 +35,7 @@ from tests.worker.test_bad_input import OpensAFile
 EMBEDQ_ACL = [
     "resetchannels", "-@all", "+ping", "+info",
     "+get", "+set", "+del", "+mget", "+scan", "+exists", "+expire",  # leases, the producer lock, `delete`
-    "+hget", "+hset", "+hsetnx", "+hmget", "+hgetall", "+hincrby", "+hdel", "+hkeys", "+hexists",  # records
+    "+hget", "+hset", "+hsetnx", "+hmget", "+hgetall", "+hincrby", "+hdel", "+hkeys", "+hexists", "+hlen",  # records
     "+sadd", "+sismember", "+srem",  # parts that recovery condemned, entries a worker is working on
     "+xadd", "+xlen", "+xrange", "+xdel", "+xack", "+xreadgroup", "+xautoclaim", "+xclaim", "+xpending",
     "+xgroup|create",  # the streams
