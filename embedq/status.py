@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from embedq import job as job_record
+from embedq.heartbeat import liveness, parse_time
 from embedq.keys import GROUP, JobKeys
 
 
@@ -35,6 +36,8 @@ class JobStatus:
     dead_letters: int = 0
     finalized: bool = False  # the output is final: every part visible, `_manifest.json` written
     output: str = ""  # the output location the workers recorded
+    # Workers holding a lease, by id: each one's last heartbeat, with its age by Redis's clock (`age_s`,
+    # `stale`, `lease_expires_in_s`: `embedq.heartbeat`). A stale one still holds its entries.
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     stall_advice: str | None = None  # set when the job has stalled: what happened and what to run
     produce_command: str = ""  # the command that finishes publishing it
@@ -77,12 +80,21 @@ class JobStatus:
         return self.committed_documents + self.dead_documents
 
     @property
-    def docs_per_s(self) -> float:
-        return sum(float(w.get("docs_per_s", 0.0)) for w in self.workers.values())
+    def alive_workers(self) -> dict[str, dict[str, Any]]:
+        """Workers that renew their lease; a stale one (dead, stuck, cut off) holds it until it expires."""
+        return {name: info for name, info in self.workers.items() if not info.get("stale")}
+
+    @property
+    def workers_not_responding(self) -> int:
+        return len(self.workers) - len(self.alive_workers)
+
+    @property
+    def docs_per_s(self) -> float:  # a stale worker's last rate is history, not throughput
+        return sum(float(w.get("docs_per_s", 0.0)) for w in self.alive_workers.values())
 
     @property
     def tokens_per_s(self) -> float:
-        return sum(float(w.get("tokens_per_s", 0.0)) for w in self.workers.values())
+        return sum(float(w.get("tokens_per_s", 0.0)) for w in self.alive_workers.values())
 
     @property
     def state(self) -> str:
@@ -91,17 +103,18 @@ class JobStatus:
         if self.complete:
             return "complete"
         if self.settled:  # a worker finalizes the output as it stops; without one, `gc` does
-            return "finalizing" if self.workers else "not finalized"
+            return "finalizing" if self.alive_workers else "not finalized"
         if self.stalled:
             return "stalled"
-        if not self.workers:
+        if not self.alive_workers:
             return "waiting for workers"
         return "running" if self.producer_done else "producing"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "complete": self.complete, "settled": self.settled, "stalled": self.stalled,
                 "state": self.state, "action": self.action, "command": self.command,
-                "docs_per_s": self.docs_per_s, "tokens_per_s": self.tokens_per_s}
+                "docs_per_s": self.docs_per_s, "tokens_per_s": self.tokens_per_s,
+                "workers_alive": len(self.alive_workers), "workers_not_responding": self.workers_not_responding}
 
 
 def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
@@ -115,7 +128,8 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
     pipe.xlen(keys.stream)
     pipe.xlen(keys.dead)
     pipe.get(keys.producer_lock)
-    producer, stats, stream_len, dead_len, lock = pipe.execute()
+    pipe.info("server")  # Redis's clock, which the heartbeats are stamped with
+    producer, stats, stream_len, dead_len, lock, server = pipe.execute()
     try:
         pending = int(client.xpending(keys.stream, GROUP)["pending"])
     except redis.ResponseError:  # no group yet: no worker has started
@@ -135,7 +149,8 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
         committed_parts=count(stats, "parts"), tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"),
         dead_letters=int(dead_len), finalized=stats.get(job_record.FINALIZED_FIELD.encode()) == b"1",
         output=stats.get(job_record.OUTPUT_FIELD.encode(), b"").decode(),
-        workers=job_record.live_workers(client, keys),
+        workers={name: {**info, **liveness(info, parse_time(server)).fields()}
+                 for name, info in job_record.live_workers(client, keys).items()},
         stall_advice=job_record.stall_advice(record, keys, published=count(producer, "next_pos")) if stalled else None,
         produce_command=job_record.produce_command(record, keys),
     )
@@ -156,13 +171,13 @@ def render(status: JobStatus) -> str:
         ("committed", f"{status.committed_documents:,} documents in {status.committed_parts:,} parts, "
                       f"{status.tokens:,} tokens"),
         ("dead-lettered", f"{status.dead_documents:,} documents ({status.dead_letters:,} dead letters)"),
-        ("workers alive", str(len(status.workers))),
+        ("workers alive", _workers_alive(status)),
         ("throughput", f"{status.docs_per_s:,.0f} documents/s, {status.tokens_per_s:,.0f} tokens/s"),
     ]
     if status.output:
         rows.append(("output", status.output + (" (final)" if status.finalized else " (not final yet)")))
     for name, info in sorted(status.workers.items()):
-        rows.append((f"  {name}", f"{info.get('state', '?')}, {info.get('backend', '?')} on "
+        rows.append((f"  {name}", f"{_worker_state(info)}, {info.get('backend', '?')} on "
                                   f"{info.get('device', '?')} {info.get('precision', '')}, "
                                   f"{int(info.get('documents', 0)):,} documents, "
                                   f"{float(info.get('docs_per_s', 0)):,.0f} docs/s"))
@@ -170,6 +185,19 @@ def render(status: JobStatus) -> str:
         rows.append(("action", status.action))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _workers_alive(status: JobStatus) -> str:
+    alive, silent = len(status.alive_workers), status.workers_not_responding
+    return f"{alive} alive, {silent} not responding" if silent else str(alive)
+
+
+def _worker_state(info: dict[str, Any]) -> str:
+    """Its last state, or for a stale worker how long it has been silent and how long it keeps its lease."""
+    if not info.get("stale"):
+        return str(info.get("state", "?"))
+    return (f"stale (no heartbeat for {float(info['age_s']):.0f} s, was {info.get('state', '?')}; "
+            f"lease expires in {float(info['lease_expires_in_s']):.0f} s)")
 
 
 def _producer_state(status: JobStatus) -> str:

@@ -1,9 +1,11 @@
 """A worker's lease: a heartbeat that keeps its in-flight entries from being reclaimed while it works.
 
-Every third of the lease the heartbeat renews the worker's lease key (alive, with a TTL of the
-lease) and resets the idle time of the entries it holds. It does so only while the worker makes
-progress: a worker stuck for longer than the lease stops renewing, so a live worker takes its
-entries over (XAUTOCLAIM) instead of waiting for it forever.
+Every third of the lease (`RENEWALS_PER_LEASE`) the heartbeat renews the worker's lease key (alive,
+with a TTL of the lease) and resets the idle time of the entries it holds. It does so only while the
+worker makes progress: a worker stuck for longer than the lease stops renewing, so a live worker takes
+its entries over (XAUTOCLAIM) instead of waiting for it forever. Each heartbeat is stamped with
+Redis's time, so `status` can tell a silent worker from a live one before its lease runs out
+(`embedq.heartbeat`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import redis
 
+from embedq.heartbeat import RENEWALS_PER_LEASE, redis_time, stamp
 from embedq.keys import JobKeys
 from embedq.worker.consumer import StreamConsumer
 
@@ -152,7 +155,9 @@ class Lease:
             log.warning("no progress for %.0f s: letting the lease on %d entries lapse",
                         time.monotonic() - self._last_progress, len(self.in_flight))
             return
-        info = {**self.status(), "beat_at": time.time()}
+        # One more round trip per renewal (every 10 s at the default lease) for a stamp by Redis's clock.
+        info = stamp({**self.status(), "beat_at": time.time()}, lease_seconds=self.lease_seconds,
+                     now=redis_time(self.client))
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.keys.worker_lease(self.worker), json.dumps(info), px=lease_ms)
         pipe.hset(self.keys.workers, self.worker, json.dumps(info))
@@ -162,7 +167,7 @@ class Lease:
             self.consumer.touch(ids, min_idle_ms=lease_ms // 4)
 
     def _run(self) -> None:
-        interval = self.lease_seconds / 3
+        interval = self.lease_seconds / RENEWALS_PER_LEASE
         while not self._stop.wait(interval):
             try:
                 self.beat()

@@ -6,7 +6,6 @@ They only talk to Redis (and read the output directory), so they take the Redis 
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -28,22 +27,24 @@ def status(
     ctx: typer.Context,
     job: JobOpt,
     as_json: AsJsonOpt = False,
-    watch: Annotated[float | None, typer.Option("--watch", help="Refresh every N seconds until complete.",
+    watch: Annotated[float | None, typer.Option("--watch", help="Refresh every N seconds until complete: in place "
+                                                "on a terminal, appended blocks in a pipe, JSON Lines with --json.",
                                                 show_default=False)] = None,
     redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Show a job's counts: produced, in the stream, committed, dead-lettered, workers, throughput."""
+    from embedq.cli.watch import watch as watch_status
     from embedq.status import read_status, render, to_json
 
+    if watch is not None and not watch > 0:  # `not >`: NaN too
+        raise UsageError(f"--watch takes a number of seconds greater than 0, got {watch:g}.")
     client, keys = job_in_redis(ctx, job)
-    while True:
+    if watch is None:
         current = read_status(client, keys)
         typer.echo(to_json(current) if as_json else render(current))
-        if watch is None or current.complete or not current.exists:
-            break
-        time.sleep(watch)
-        typer.echo("")
+    else:
+        current = watch_status(lambda: read_status(client, keys), watch, as_json=as_json)
     if not current.exists:
         raise typer.Exit(2)
 
