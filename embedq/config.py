@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
 import tomllib
 
@@ -19,6 +20,12 @@ from embedq.errors import UsageError
 from embedq.protocol import Limits
 
 CONFIG_FILE = "embedq.toml"
+
+# The settings that take one of a few words (what each means: `embedq work --help`).
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Pooling = Literal["mean", "cls", "last"]
+OutputDtype = Literal["float32", "float16"]
 _Options = TypeVar("_Options")
 
 
@@ -34,7 +41,7 @@ class Settings:
     tls_key: str | None = None
     # Model
     model: str | None = None  # None: the bundled all-MiniLM-L6-v2 (or, for a worker, the job's model)
-    pooling: str | None = None  # None: what the model's configuration says
+    pooling: Pooling | None = None  # None: what the model's configuration says
     normalize: bool | None = None
     max_seq_len: int | None = None
     # Producer
@@ -46,9 +53,9 @@ class Settings:
     allow_duplicate_ids: bool = False
     pretokenize: bool = False
     # Worker
-    backend: str = "auto"
+    backend: Backend = "auto"
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     threads: int | None = None
     token_budget: int | None = None  # padded tokens per engine batch; None: by device
     seq_lens: str | None = None  # comma-separated profile lengths (from `embedq profile`); None: default table
@@ -70,7 +77,7 @@ class Settings:
     shutdown_timeout: float = 60.0
     disk_retry_seconds: float = 300.0
     redis_retry_seconds: float = 600.0
-    output_dtype: str = "float32"
+    output_dtype: OutputDtype = "float32"
 
     def redis(self) -> RedisSettings:
         return RedisSettings(url=self.redis_url, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
@@ -86,47 +93,81 @@ class Settings:
         return cls(**{**shared, **overrides})
 
     def validate(self) -> Settings:
-        positive = ("batch_size", "max_doc_bytes", "max_message_bytes", "backlog", "window_docs",
-                    "prefetch", "max_failures", "max_deliveries")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        """Check every value; a `UsageError` names the setting and the form it takes."""
+        for f in fields(self):
+            problem = check(f.name, getattr(self, f.name))
+            if problem is not None:
+                raise UsageError(f"{f.name.replace('_', '-')} {problem}")
         if self.max_deliveries < 2:
             raise UsageError("max-deliveries must be at least 2 (the first delivery counts as one)")
-        if self.window_seconds <= 0:
-            raise UsageError(f"window-seconds must be positive, got {self.window_seconds}")
-        if self.lease_seconds < 1:
-            raise UsageError(f"lease-seconds must be at least 1, got {self.lease_seconds}")
-        if self.output_dtype not in ("float32", "float16"):
-            raise UsageError(f"output-dtype must be float32 or float16, got {self.output_dtype!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise UsageError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
-        if self.pooling not in (None, "mean", "cls", "last"):
-            raise UsageError(f"pooling must be mean, cls or last, got {self.pooling!r}")
-        if self.seq_lens is not None:
-            parse_seq_lens(self.seq_lens)
         return self
 
 
+CHOICES: dict[str, tuple[str | None, ...]] = {
+    "backend": get_args(Backend), "precision": get_args(Precision), "pooling": (None, *get_args(Pooling)),
+    "output_dtype": get_args(OutputDtype),
+}
+_POSITIVE = ("batch_size", "max_doc_bytes", "max_message_bytes", "backlog", "window_docs", "prefetch",
+             "commit_threads", "max_failures", "max_deliveries", "window_seconds", "shutdown_timeout",
+             "token_budget", "max_seq_len", "threads", "disk_retry_seconds", "redis_retry_seconds")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the setting `name` ("must be ..."), or None if it is right."""
+    if name in CHOICES and value not in CHOICES[name]:
+        words = [c for c in CHOICES[name] if c is not None]
+        return f"must be one of {', '.join(words)}; got {value!r}"
+    if name == "device" and not _DEVICE.match(str(value)):
+        return f"must be auto, cpu, cuda or cuda:N (N a GPU number); got {value!r}"
+    if name in _POSITIVE and value is not None and value <= 0:
+        return f"must be positive; got {value}"
+    if name == "tokenizer_processes" and value is not None and value < 0:
+        return f"must be 0 (tokenize in the worker) or more; got {value}"
+    if name == "lease_seconds" and value < 1:
+        return f"must be at least 1; got {value}"
+    if name == "seq_lens" and value is not None:
+        try:
+            parse_seq_lens(value)
+        except UsageError as exc:
+            return str(exc).removeprefix("seq-lens ")
+    return None
+
+
 def load_settings(flags: dict[str, Any] | None = None, *, environ: dict[str, str] | None = None,
-                  config_file: str | os.PathLike[str] | None = None) -> Settings:
-    """Merge defaults, the config file, the environment and the flags that were given (not None)."""
+                  config_file: str | os.PathLike[str] | None = None,
+                  origins: dict[str, str] | None = None) -> Settings:
+    """Merge defaults, the config file, the environment and the flags that were given (not None).
+
+    A wrong value is a `UsageError` that names where it came from: the flag (or, through `origins`,
+    the variable a flag was read from), the `EMBEDQ_*` variable, or the file and key.
+    """
     environ = dict(os.environ) if environ is None else environ
     hints = get_type_hints(Settings)
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     path = Path(config_file or environ.get("EMBEDQ_CONFIG") or CONFIG_FILE)
     if path.is_file():
-        values.update(_read_config_file(path, hints))
+        for name, value in _read_config_file(path, hints).items():
+            values[name], where[name] = value, f"{path}: {name}"
     elif config_file is not None or "EMBEDQ_CONFIG" in environ:
         raise UsageError(f"Configuration file {path} does not exist.")
     for field in fields(Settings):
-        raw = environ.get(f"EMBEDQ_{field.name.upper()}")
+        variable = f"EMBEDQ_{field.name.upper()}"
+        raw = environ.get(variable)
         if raw is not None and raw != "":
-            values[field.name] = _parse(field.name, raw, hints[field.name], f"EMBEDQ_{field.name.upper()}")
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+            values[field.name], where[field.name] = _parse(raw, hints[field.name], variable), variable
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = value
+            where[name] = (origins or {}).get(name) or f"--{name.replace('_', '-')}"
     unknown = set(values) - {f.name for f in fields(Settings)}
     if unknown:
         raise UsageError(f"Unknown setting(s): {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        problem = check(name, value)
+        if problem is not None:
+            raise UsageError(f"{where[name]} {problem}")
     return dataclasses.replace(Settings(), **values).validate()
 
 
@@ -140,28 +181,45 @@ def _read_config_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in hints:
-            raise UsageError(f"{path}: unknown setting {key!r}")
-        out[name] = _parse(name, value, hints[name], str(path)) if isinstance(value, str) else value
+            raise UsageError(f"{path}: unknown setting {key!r}; the settings are listed in the README")
+        out[name] = _parse(value, hints[name], f"{path}: {key}")
     return out
 
 
-def _parse(name: str, raw: str, hint: Any, where: str) -> Any:
-    text = str(hint)
+_FORMS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _parse(raw: Any, hint: Any, where: str) -> Any:
+    """`raw` (a variable's text, or a TOML value) as the setting's type; a `UsageError` naming
+    `where` and the expected form if it is not one."""
+    kinds = [k for k in (bool, int, float, str) if k in (get_args(hint) or (hint,))]
+    kind = kinds[0] if kinds else str
+    if not isinstance(raw, str):  # TOML already typed it: check the type
+        if _is_a(raw, kind):
+            return float(raw) if kind is float else raw
+        raise UsageError(f"{where} must be {_FORMS[kind]}; got {raw!r}")
     try:
-        if "bool" in text:
+        if kind is bool:
             lowered = raw.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
                 return True
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
-        if "int" in text:
+        if kind is int:
             return int(raw)
-        if "float" in text:
+        if kind is float:
             return float(raw)
-    except ValueError as exc:
-        raise UsageError(f"{where}: {name} = {raw!r} is not a valid {text}") from exc
+    except ValueError:
+        form = _FORMS[kind] + (" (1/0, yes/no, on/off also work)" if kind is bool else "")
+        raise UsageError(f"{where} must be {form}; got {raw!r}") from None
     return raw
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to isinstance
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def parse_seq_lens(text: str) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -157,6 +158,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
@@ -217,22 +222,98 @@ class RedisServer:
         self.cleanup()
 
 
+PRIVATE_STATE = ".embedq-redis"
+"""Where `embedq run` keeps the data of the private Redis it starts: inside the output directory
+(readers skip names that start with a dot), so the run can resume and be verified afterwards."""
+
+
+def kept_state(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The private Redis data an earlier `embedq run` kept in `output_dir`, if there is any."""
+    state = Path(output_dir) / PRIVATE_STATE
+    return state if (state / "appendonlydir").is_dir() else None
+
+
 @contextlib.contextmanager
-def redis_for_run(url: str | None, log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
-    """The Redis for `embedq run`: the one at `url` (or the default) if anything listens there, else a
-    private redis-server on a free loopback port that lives as long as the run."""
+def redis_for_run(url: str | None, *, output_dir: str | os.PathLike[str] | None = None, explicit: bool = False,
+                  log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+    """The Redis for `embedq run` and for the commands that look at its job afterwards.
+
+    A Redis that the user named (`explicit`) is used as it is. Otherwise the private Redis whose
+    data an earlier run kept in `output_dir` is started again, so the job resumes where it was;
+    else the Redis at `url` (or the default) if anything listens there; else a private
+    redis-server that keeps its data (AOF, fsync every second) in `output_dir`, or nothing without
+    one. A private server lives as long as the block and holds a lock on its data directory.
+    """
     target = url or DEFAULT_URL
+    kept = kept_state(output_dir) if output_dir is not None else None
     # Fall back only when nothing listens there. A server that listens but does not answer a plain
     # PING (it wants a password, TLS with a CA, or another user) is the user's Redis: the caller's
     # real connect must then fail with the reason (exit 5), not divert the job to a throwaway,
     # unencrypted private server.
-    if answers(target) or _listening(target):
+    if (explicit or kept is None) and (answers(target) or _listening(target)):
         yield target
         return
-    with RedisServer() as server:
-        log(f"Redis at {redact(target)} does not answer; started a private redis-server at "
-            f"{server.url} for this run (it keeps nothing after the run).")
-        yield server.url
+    if output_dir is None:
+        with RedisServer() as server:
+            log(f"Redis at {redact(target)} does not answer; started a private redis-server at "
+                f"{server.url} (it keeps nothing after this command).")
+            yield server.url
+        return
+    state = Path(output_dir) / PRIVATE_STATE
+    with _locked(state):
+        _stop_orphan(state)
+        with _private(state) as server:
+            if kept is not None:
+                log(f"resuming with the Redis data kept in {state} (private redis-server at {server.url})")
+            else:
+                log(f"Redis at {redact(target)} does not answer; started a private redis-server at {server.url} "
+                    f"that keeps its data in {state}, so this command can be run again to resume")
+            yield server.url
+
+
+@contextlib.contextmanager
+def _private(state: Path) -> Iterator[RedisServer]:
+    """A private server on `state`'s data, its process id kept there while it runs."""
+    with RedisServer(appendonly=True, directory=state) as server:
+        pid_file = state / "server.pid"
+        if server.pid is not None:
+            pid_file.write_text(str(server.pid))
+        try:
+            yield server
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+
+def _stop_orphan(state: Path) -> None:
+    """Stop the server a killed command left running on `state`'s data: two servers must never
+    append to the same file."""
+    pid_file = state / "server.pid"
+    try:
+        pid = int(pid_file.read_text())
+        alive = b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if alive:
+        os.kill(pid, signal.SIGTERM)  # it writes what it has to its AOF and exits
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Hold the lock of a private Redis's data directory: one server per directory at a time."""
+    import fcntl
+
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"Another embedq command is using the Redis data in {state}; wait for it to "
+                             "finish (or stop it) and run this again.") from None
+        yield
 
 
 T = TypeVar("T")

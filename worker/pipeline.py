@@ -33,8 +33,10 @@ class EngineStats:
     """Counters of the engine stage, for progress, status and the benchmark."""
 
     batches: int = 0
-    documents: int = 0
+    documents: int = 0  # handed to the engine (a window at a time)
     real_tokens: int = 0
+    done_documents: int = 0  # embedded: counted batch by batch as their results come back, for progress
+    done_tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0  # wall time with at least one window in the engine
 
@@ -92,7 +94,7 @@ class _Stream:
     profiles: Sequence[Profile]
     stats: EngineStats | None
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)  # started, not yet handed back
-    in_flight: collections.deque[tuple[_Job, slice, Pending]] = field(default_factory=collections.deque)
+    in_flight: collections.deque[tuple[_Job, slice, Pending, int]] = field(default_factory=collections.deque)
     busy_since: float | None = None
 
     def start(self, work: Work) -> None:
@@ -124,14 +126,14 @@ class _Stream:
             job.error = exc
             return
         job.in_flight += 1
-        self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending))
+        self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending, int(lengths.sum())))
         job.filled += len(bucket)
         if self.stats is not None:
             self.stats.batches += 1
             self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
 
     def collect(self) -> None:
-        job, place, pending = self.in_flight.popleft()
+        job, place, pending, tokens = self.in_flight.popleft()
         job.in_flight -= 1
         try:
             result = pending.result()
@@ -140,6 +142,9 @@ class _Stream:
             return
         if job.error is None:
             job.by_length[place] = result
+        if self.stats is not None:
+            self.stats.done_documents += place.stop - place.start
+            self.stats.done_tokens += tokens
 
     def finished(self) -> Iterator[_Job]:
         """Hand back finished jobs in order. Before a failed one, collect everything in flight, so

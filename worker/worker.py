@@ -49,6 +49,8 @@ from embedq.worker.window import DocumentRules, Window, WindowSizer
 from embedq.worker.writer import PartWriter, output_schema, part_metadata
 
 log = logging.getLogger("embedq.worker")
+# The worker's periodic progress lines: a command that shows its own progress display quiets them.
+progress_log = logging.getLogger("embedq.worker.progress")
 
 _END = None  # queue sentinel: no more windows
 
@@ -383,6 +385,8 @@ class Worker:
             return
         self._last_log = now
         status = self._status()
-        log.info("worker %s: %d documents, %d parts, %.0f docs/s, %.0f tokens/s, %d dead-lettered",
-                 self.id, self.report.documents, self.report.parts, status["docs_per_s"],
-                 status["tokens_per_s"], self.report.dead_documents)
+        # The last line at the end of a run only at debug level: the command prints its own summary.
+        progress_log.log(logging.DEBUG if force else logging.INFO,
+                         "worker %s: %d documents, %d parts, %.0f docs/s, %.0f tokens/s, %d dead-lettered",
+                         self.id, self.report.documents, self.report.parts, status["docs_per_s"],
+                         status["tokens_per_s"], self.report.dead_documents)

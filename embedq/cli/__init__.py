@@ -11,7 +11,7 @@
 
 Settings come from flags, then `EMBEDQ_*` variables, then `embedq.toml`. Exit codes: 0 success,
 1 unexpected error, 2 usage, 3 source, 4 model, 5 Redis, 6 output, 7 job mismatch, 8 verification
-failed, 10 engine, 130 interrupted.
+failed or documents dead-lettered, 10 engine, 130 interrupted.
 
 This module holds the app, the commands' registration and the mapping of errors to exit codes; the
 commands live in `jobs` (produce, work, run), `admin` (status, verify, dead-letter, gc, delete),
@@ -21,23 +21,45 @@ import their heavy libraries (torch, pyarrow, the wings) inside the commands, so
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from embedq import __version__
-from embedq.cli import admin, bench, jobs, profile
+from embedq.cli import admin, bench, jobs, logs, profile, run
 from embedq.errors import EmbedqError, RedisUnavailable
 
 __all__ = ["app", "main"]
 
+class _Command(typer.core.TyperCommand):
+    """A command whose `--help` shows no value type for flags (typer prints `<bool>` for them)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    for param in params:
+        if (getattr(param, "is_flag", False) or getattr(param, "count", False)) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 app = typer.Typer(
     name="embedq",
+    cls=_Group,
     help="Bulk text embedding over Redis streams: producers publish batches, workers embed them into "
          "Parquet, every document exactly once.",
+    epilog="Settings come from flags, then EMBEDQ_* variables, then embedq.toml (see `embedq COMMAND --help`). "
+           "Exit codes: 0 done, 1 unexpected error, 2 usage, 3 source, 4 model, 5 Redis, 6 output, 7 job mismatch, "
+           "8 documents missing or dead-lettered, 10 engine or device, 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -45,15 +67,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dead_app = typer.Typer(help="Inspect and replay dead-lettered documents.", no_args_is_help=True,
-                       rich_markup_mode="markdown")
+                       rich_markup_mode="markdown", cls=_Group)
 app.add_typer(dead_app, name="dead-letter")
 
 # In the order `embedq --help` lists them.
-for command in (jobs.produce, jobs.work, jobs.run, profile.profile, bench.bench, admin.status, admin.verify,
+for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, admin.status, admin.verify,
                 admin.gc, admin.delete):
-    app.command()(command)
-dead_app.command("list")(admin.dead_list)
-dead_app.command("replay")(admin.dead_replay)
+    app.command(cls=_Command)(command)
+dead_app.command("list", cls=_Command)(admin.dead_list)
+dead_app.command("replay", cls=_Command)(admin.dead_replay)
 
 
 def _version(value: bool) -> None:
@@ -64,16 +86,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                                         help="More log output: -v adds embedq's debug lines, -vv also those "
+                                         "of the libraries it uses (and their progress bars).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if verbose < 2:
-        for noisy in ("httpx", "urllib3", "transformers", "torch"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(verbose, quiet)
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from embedq.cli.options import AsJsonOpt, JobOpt, OutOpt, PrefixOpt, RedisOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt
-from embedq.cli.settings import job_in_redis
+from embedq.cli.options import DEFAULTS, AsJsonOpt, JobOpt, OutOpt, PrefixOpt, RedisOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt
+from embedq.cli.settings import job_at_output, job_in_redis
 from embedq.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ def status(
     watch: Annotated[float | None, typer.Option("--watch", help="Refresh every N seconds until complete: in place "
                                                 "on a terminal, appended blocks in a pipe, JSON Lines with --json.",
                                                 show_default=False)] = None,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Show a job's counts: produced, in the stream, committed, dead-lettered, workers, throughput."""
@@ -56,7 +57,8 @@ def verify(
                                                "recorded in the job.", show_default=False)] = None,
     allow_dead: Annotated[bool, typer.Option("--allow-dead-letters", help="Count dead-lettered ids as "
                                              "accounted for (each must then be in exactly one place).")] = False,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Check the committed output: every source id exactly once, right dimension, finite values.
@@ -66,8 +68,8 @@ def verify(
     """
     from embedq.verify import verify_job
 
-    client, keys = job_in_redis(ctx, job)
-    result = verify_job(client, keys, out, source=source, allow_dead=allow_dead)
+    with job_at_output(ctx, job, out) as (client, keys):
+        result = verify_job(client, keys, out, source=source, allow_dead=allow_dead)
     typer.echo(result.render())
     result.raise_for_failure()
 
@@ -77,7 +79,8 @@ def dead_list(
     job: JobOpt,
     limit: Annotated[int, typer.Option("--limit", help="Show at most this many dead letters.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for scripts.")] = False,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """List dead letters: which documents, why, which worker, how many deliveries."""
@@ -106,7 +109,8 @@ def dead_replay(
     out: Annotated[str | None, typer.Option("--out", "-o", help="The job's output directory, whose "
                                             "_dead_letters.jsonl is brought up to date. Default: the one its "
                                             "workers recorded.", show_default=False)] = None,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Put dead-lettered documents back into the job's stream (after a fix); then run workers again."""
@@ -152,7 +156,8 @@ def _refresh_dead_letters_file(client: Redis, keys: JobKeys, out: str | None) ->
 def gc(
     ctx: typer.Context,
     job: JobOpt, out: OutOpt,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Set orphan parts aside (written but never committed), roll committed ones forward, and
@@ -161,9 +166,9 @@ def gc(
     from embedq.worker.finalize import finalize_output
     from embedq.worker.output import open_output
 
-    client, keys = job_in_redis(ctx, job)
     output = open_output(out, create=False)
-    result = finalize_output(client, keys, output, job_record.require(client, keys))
+    with job_at_output(ctx, job, out) as (client, keys):
+        result = finalize_output(client, keys, output, job_record.require(client, keys))
     typer.echo(f"job {job}: {len(result.parts)} committed parts; rolled forward {len(result.rolled_forward)}, "
                f"removed {len(result.orphans_set_aside)} visible and {len(result.staged_set_aside)} staged orphans; "
                f"kept {len(result.staged_kept)} staged parts of live workers")
@@ -183,7 +188,8 @@ def delete(
     ctx: typer.Context,
     job: JobOpt,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Delete a job's keys from Redis (the output directory is left alone)."""

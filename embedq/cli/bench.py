@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from embedq.cli.options import RedisOpt
+from embedq.cli.options import flag
 from embedq.errors import UsageError
 
 _CORPORA = ["passages", "glosses"]
@@ -23,43 +23,50 @@ _TOKENIZE_MODES = ["producer", "worker"]
 def bench(
     corpus: Annotated[list[str] | None, typer.Option(
         "--corpus", help="glosses, passages (from --corpus-dir) or NAME=PATH of a Parquet file with id and text "
-        "columns; repeatable. Default: both.", show_default=False)] = None,
+        "columns; repeatable.", metavar="NAME[=PATH]", show_default="glosses and passages")] = None,
     corpus_dir: Annotated[str | None, typer.Option(
-        "--corpus-dir", help="Where glosses.parquet and passages.parquet are (python shared/corpus/make.py DIR "
-        "builds them). Default: EMBEDQ_CORPUS_DIR or ~/.cache/embedq-test-corpus.", show_default=False)] = None,
+        "--corpus-dir", help="Where glosses.parquet and passages.parquet are (`python tests/make_corpus.py DIR` "
+        "builds them).", metavar="DIR", envvar="EMBEDQ_CORPUS_DIR", show_envvar=True,
+        show_default="~/.cache/embedq-test-corpus")] = None,
     model_names: Annotated[list[str] | None, typer.Option(
         "--model", help="minilm (the real all-MiniLM-L6-v2), bert-base or tiny (random weights of that shape, "
-        "for speed only); repeatable. Default: minilm and bert-base.", show_default=False)] = None,
+        "for speed only); repeatable.", metavar="NAME", show_default="minilm and bert-base")] = None,
     model_path: Annotated[str | None, typer.Option(
-        "--model-path", help="Directory of the MiniLM weights. Default: the bundled model.",
-        show_default=False)] = None,
+        "--model-path", help="Directory of the MiniLM weights.", metavar="DIR",
+        show_default="the bundled model")] = None,
     tokenize: Annotated[list[str] | None, typer.Option(
-        "--tokenize", help="Where tokenization happens: worker, producer (--pretokenize); repeatable. Default: both.",
-        show_default=False)] = None,
-    repeat: Annotated[int, typer.Option("--repeat", help="Corpus copies (ids made distinct).")] = 1,
+        "--tokenize", help="Where tokenization happens: worker, or producer (--pretokenize); repeatable.",
+        metavar="WHERE", show_default="both")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Corpus copies (ids made distinct).", metavar="N")] = 1,
     limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N documents of a corpus.",
-                                              show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="cuda, cuda:N or cpu.")] = "cuda",
-    precision: Annotated[str, typer.Option("--precision", help="fp16, bf16 or fp32.")] = "fp16",
-    token_budget: Annotated[int, typer.Option("--token-budget", help="Padded tokens per engine batch.")] = 65536,
-    window_docs: Annotated[int, typer.Option("--window-docs", help="Documents per window and part.")] = 32768,
+                                              metavar="N", show_default="all")] = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cuda:N or cpu.", metavar="DEVICE")] = "cuda",
+    precision: Annotated[Literal["fp16", "bf16", "fp32"], typer.Option(
+        "--precision", help="Engine precision.")] = "fp16",
+    token_budget: Annotated[int, typer.Option("--token-budget", help="Padded tokens per engine batch.",
+                                              metavar="TOKENS")] = 65536,
+    window_docs: Annotated[int, typer.Option("--window-docs", help="Documents per window and part.",
+                                             metavar="N")] = 32768,
     tokenizer_processes: Annotated[int | None, typer.Option(
-        "--tokenizer-processes", help="Tokenizer pool size. Default: all cores but two.", show_default=False)] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
-                                              help="Capture a CUDA graph per profile.")] = True,
-    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines",
-                                            help="Also time sentence-transformers and the tokenizer alone.")] = True,
-    check_precision: Annotated[bool, typer.Option(
+        "--tokenizer-processes", help="Tokenizer pool size.", metavar="N", show_default="all cores but two")] = None,
+    cuda_graphs: Annotated[bool, flag("--cuda-graphs/--no-cuda-graphs",
+                                      help="Capture a CUDA graph per profile.")] = True,
+    baselines: Annotated[bool, flag("--baselines/--no-baselines",
+                                    help="Also time sentence-transformers and the tokenizer alone.")] = True,
+    check_precision: Annotated[bool, flag(
         "--check-precision", help="Also compare fp16 and bf16 with fp32 on every document (GPU).")] = False,
-    json_out: Annotated[str, typer.Option("--json", help="Where to write the results.")] = "bench.json",
-    plot_out: Annotated[str, typer.Option("--plot", help="Where to draw throughput per stage.")] = "bench.png",
+    json_out: Annotated[str, typer.Option("--json", help="Where to write the results.", metavar="FILE")] = "bench.json",
+    plot_out: Annotated[str, typer.Option("--plot", help="Where to draw throughput per stage.",
+                                          metavar="FILE")] = "bench.png",
     out_dir: Annotated[str | None, typer.Option(
-        "--out-dir", help="Where the worker writes its Parquet parts (fsynced). Default: a temporary directory.",
-        show_default=False)] = None,
+        "--out-dir", help="Where the worker writes its Parquet parts (fsynced).", metavar="DIR",
+        show_default="a temporary directory")] = None,
     replot: Annotated[list[str] | None, typer.Option(
         "--replot", help="Only draw --plot again from saved --json results (repeatable); runs nothing.",
-        show_default=False)] = None,
-    redis: RedisOpt = None,
+        metavar="FILE", show_default=False)] = None,
+    redis: Annotated[str | None, typer.Option(
+        "--redis", help="Redis URL to use.", metavar="URL",
+        show_default="a private redis-server, so its memory figures are the benchmark's")] = None,
 ) -> None:
     """Measure end-to-end throughput on this machine against the GPU-only ceiling, sentence-transformers
     and the tokenizer alone; print a table, write JSON and a plot."""
@@ -70,6 +77,7 @@ def bench(
 
         draw([Path(p) for p in replot], Path(plot_out))
         return
+    _check_device(device)
     corpora = _corpora(corpus or _CORPORA, corpus_dir)
     models = model_names or _MODELS
     for name in models:
@@ -86,15 +94,32 @@ def bench(
               out_dir=Path(out_dir) if out_dir else None)
 
 
+def _check_device(device: str) -> None:
+    """A benchmark on a GPU that is not there is a usage error, said before anything is loaded."""
+    if not device.startswith("cuda"):
+        return
+    from embedq.engines.device import cuda_device_count
+
+    count = cuda_device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise UsageError(f"embedq bench runs on {device} by default, and this machine has "
+                         f"{'no CUDA GPU' if count == 0 else f'{count} CUDA GPU(s)'}; pass --device cpu to measure "
+                         "this CPU (with --model tiny and --limit for a short run).")
+
+
 def _corpora(items: list[str], corpus_dir: str | None) -> list[tuple[str, Path]]:
     """(name, Parquet file) of each --corpus: NAME=PATH, or NAME.parquet in the corpus directory."""
-    base = Path(corpus_dir or os.environ.get("EMBEDQ_CORPUS_DIR") or Path.home() / ".cache" / "embedq-test-corpus")
+    base = Path(corpus_dir or Path.home() / ".cache" / "embedq-test-corpus")
     corpora = []
     for item in items:
         name, _, path = item.partition("=")
         resolved = Path(path) if path else base / f"{name}.parquet"
+        if resolved.is_file() and resolved.suffix != ".parquet":
+            raise UsageError(f"corpus {name!r}: {resolved} is not a Parquet file; the benchmark reads Parquet with "
+                             "id and text columns.")
         if not resolved.is_file():
             raise UsageError(f"corpus {name!r}: {resolved} does not exist; build it with "
-                             f"`python shared/corpus/make.py {base}` or pass NAME=PATH.")
+                             f"`python tests/make_corpus.py {base}` or pass NAME=PATH.")
         corpora.append((name, resolved))
     return corpora

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from embedq.cli.options import (
+    DEFAULTS,
     AllowDupOpt,
     AllowEmptyOpt,
     BackendOpt,
@@ -31,6 +31,7 @@ from embedq.cli.options import (
     FormatOpt,
     GraphsOpt,
     IdFieldOpt,
+    JobModelOpt,
     JobOpt,
     LeaseOpt,
     MaxDocOpt,
@@ -82,7 +83,7 @@ _Status = TypeVar("_Status")
 # -- produce --------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _producer(client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo, settings: Settings,
+def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo, settings: Settings,
               stopping: Callable[[], bool] = lambda: False, *, until_complete: bool = False) -> Iterator[Producer]:
     """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
@@ -106,10 +107,13 @@ def produce(
     fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
     text_unit: TextUnitOpt = "line",
     model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
-    batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
-    allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None, pretokenize: PretokOpt = None,
+    batch_size: BatchSizeOpt = DEFAULTS.batch_size, backlog: BacklogOpt = DEFAULTS.backlog,
+    max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
+    allow_empty: AllowEmptyOpt = DEFAULTS.allow_empty, allow_duplicate_ids: AllowDupOpt = DEFAULTS.allow_duplicate_ids,
+    pretokenize: PretokOpt = DEFAULTS.pretokenize,
     until_complete: UntilCompleteOpt = False,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Publish SOURCE as job NAME: batches go to the job's Redis stream for workers to embed.
@@ -124,7 +128,7 @@ def produce(
     client = connect(settings)
     keys = job_keys(job, settings)
     info = load_model(settings)
-    with open_source(source_spec(ctx.params)) as src, _producer(client, keys, src, info, settings,
+    with open_source(source_spec(ctx.params)) as src, producer_for(client, keys, src, info, settings,
                                                                 until_complete=until_complete) as producer:
         record = producer.prepare()
         with ProgressReport(f"produce {job}", record.documents) as bar:
@@ -196,7 +200,7 @@ def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Enc
 
 
 @contextlib.contextmanager
-def _worker(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
+def worker_for(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
             settings: Settings) -> Iterator[Worker]:
     """A worker with its engine and tokenizer, both started (and stopped after the block)."""
     from embedq.worker.worker import Worker, WorkerOptions
@@ -209,17 +213,21 @@ def _worker(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelIn
 def work(
     ctx: typer.Context,
     job: JobOpt, out: OutOpt,
-    model: ModelOpt = None, backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
+    model: JobModelOpt = None, backend: BackendOpt = DEFAULTS.backend, device: DeviceOpt = DEFAULTS.device,
+    precision: PrecisionOpt = DEFAULTS.precision,
     threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None,
-    tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None,
-    window_seconds: WindowSecondsOpt = None,
-    lease_seconds: LeaseOpt = None, max_failures: FailuresOpt = None, max_deliveries: DeliveriesOpt = None,
-    shutdown_timeout: ShutdownOpt = None, output_dtype: DtypeOpt = None,
+    tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = DEFAULTS.cuda_graphs,
+    window_docs: WindowOpt = DEFAULTS.window_docs,
+    window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,
+    lease_seconds: LeaseOpt = DEFAULTS.lease_seconds, max_failures: FailuresOpt = DEFAULTS.max_failures,
+    max_deliveries: DeliveriesOpt = DEFAULTS.max_deliveries,
+    shutdown_timeout: ShutdownOpt = DEFAULTS.shutdown_timeout, output_dtype: DtypeOpt = DEFAULTS.output_dtype,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
-    redis: RedisOpt = None, key_prefix: PrefixOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
-    """Embed job NAME's batches into DIR until the job is complete.
+    """Embed job NAME's batches into the --out directory until the job is complete.
 
     Run any number of workers on the same job (one per GPU). SIGTERM finishes and commits what is in
     flight, then exits 0; a killed worker's batches are taken over by the others after the lease.
@@ -234,131 +242,11 @@ def work(
     record = _wait_for_job(client, keys, wait)
     info = _worker_model(settings, record)
     check_model(record, info)  # before the engine: building one can take minutes
-    with _worker(client, keys, record, info, output, settings) as worker:
+    with worker_for(client, keys, record, info, output, settings) as worker:
         report = worker.run()
+    from embedq.progress import duration, plural
+
     state = "job complete" if report.job_complete else ("stopped by signal" if report.stopped_by_signal
                                                         else "stopped")
-    typer.echo(f"worker {report.worker}: {report.documents:,} documents in {report.parts:,} parts, "
-               f"{report.dead_documents:,} dead-lettered, {report.seconds:.1f} s ({state})")
-
-
-# -- run ------------------------------------------------------------------------------------------
-
-def run(
-    ctx: typer.Context,
-    source: SourceArg,
-    out: OutOpt,
-    job: Annotated[str | None, typer.Option("--job", "-j", help="Job name. Default: derived from the source, "
-                                            "so running again resumes.", show_default=False)] = None,
-    fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
-    text_unit: TextUnitOpt = "line",
-    model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
-    batch_size: BatchSizeOpt = None, backlog: BacklogOpt = None, max_doc_bytes: MaxDocOpt = None,
-    allow_empty: AllowEmptyOpt = None, allow_duplicate_ids: AllowDupOpt = None,
-    backend: BackendOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, threads: ThreadsOpt = None,
-    token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
-    cuda_graphs: GraphsOpt = None, window_docs: WindowOpt = None, window_seconds: WindowSecondsOpt = None,
-    output_dtype: DtypeOpt = None,
-    pretokenize: PretokOpt = None, redis: RedisOpt = None, key_prefix: PrefixOpt = None,
-    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
-) -> None:
-    """Embed SOURCE into DIR end to end on this machine (producer and worker in one process).
-
-    Uses the Redis at --redis / EMBEDQ_REDIS_URL (default 127.0.0.1:6379) if one answers, otherwise
-    starts a private redis-server for the run.
-    """
-    from embedq.connection import redis_for_run
-    from embedq.producer.sources import open_source
-    from embedq.progress import ProgressReport
-    from embedq.status import read_status
-    from embedq.worker.output import open_output
-
-    settings = settings_from(ctx)
-    output = open_output(out)
-    info = load_model(settings)
-    with contextlib.ExitStack() as stack:
-        src = stack.enter_context(open_source(source_spec(ctx.params)))
-        url = stack.enter_context(redis_for_run(settings.redis_url, log=log.info))
-        settings = settings_from(ctx, redis_url=url)  # the Redis that answered, or the private one
-        client = connect(settings)
-        scan = src.scan()
-        name = job or _default_job_name(source, scan.fingerprint)
-        keys = job_keys(name, settings)
-        # The producer thread stays until the job is complete: if Redis loses the end of its
-        # publishing (a restart without its last second), it publishes that again while the worker waits.
-        producer = stack.enter_context(_producer(client, keys, src, info, settings, until_complete=True))
-        producer.scan = scan
-        record = producer.prepare()
-        stop = threading.Event()
-        producer.stopping = stop.is_set
-        failure: list[BaseException] = []
-        workers: list[Worker] = []
-        publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop, workers), daemon=True,
-                                     name="embedq-producer")
-        publisher.start()  # before the engine is built: a resumed job has a producer from the start
-        try:
-            with _worker(client, keys, record, info, output, settings) as worker:
-                workers.append(worker)
-                if failure:
-                    worker.stop()
-                with ProgressReport(f"embed {name}", record.documents) as bar, _poll(
-                        lambda: read_status(client, keys), lambda s: bar.update(s.settled_documents, s.tokens)):
-                    report = worker.run()
-        finally:
-            stop.set()
-            publisher.join(timeout=30)
-        if failure:
-            raise failure[0]
-        final = read_status(client, keys)
-    typer.echo(f"job {name}: {final.committed_documents:,} documents embedded, {final.dead_documents:,} "
-               f"dead-lettered, {report.parts:,} parts in {output.path} ({report.seconds:.1f} s, "
-               f"{report.documents / max(report.seconds, 1e-9):,.0f} docs/s)")
-    if final.dead_documents:
-        typer.echo(f"dead letters (ids and reasons) are listed in {output.path / '_dead_letters.jsonl'}")
-    if report.stopped_by_signal and not report.job_complete:
-        # A first signal is a clean stop: what was embedded is committed, the rest handed back.
-        typer.echo("interrupted: run the same command again to resume")
-        return
-    if not report.job_complete:
-        raise typer.Exit(1)
-
-
-def _run_guarded(call: Callable[[], object], failure: list[BaseException], stop: threading.Event,
-                 workers: list[Worker]) -> None:
-    """Run `call` (the producer's thread); on any failure, keep it for the main thread, set `stop`
-    and stop the worker (it would otherwise wait for batches that will not come)."""
-    try:
-        call()
-    except BaseException as exc:
-        failure.append(exc)
-        stop.set()
-        for worker in workers:
-            worker.stop()
-
-
-@contextlib.contextmanager
-def _poll(read: Callable[[], _Status], show: Callable[[_Status], object], every: float = 0.5) -> Iterator[None]:
-    """Call show(read()) every `every` seconds in a thread while the block runs."""
-    done = threading.Event()
-
-    def loop() -> None:
-        while not done.wait(every):
-            with contextlib.suppress(Exception):
-                show(read())
-
-    thread = threading.Thread(target=loop, daemon=True, name="embedq-progress")
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            show(read())
-
-
-def _default_job_name(source: str, fingerprint: str) -> str:
-    """A job name from the source's name and fingerprint, so running `run` again resumes the same job."""
-    stem = "stdin" if source == "-" else Path(source.rstrip("/")).name.split(".")[0]
-    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-._")[:40] or "job"
-    return f"{clean}-{fingerprint.split(':')[-1][:8]}"
+    typer.echo(f"worker {report.worker}: {report.documents:,} documents in {plural(report.parts, 'part')}, "
+               f"{report.dead_documents:,} dead-lettered, {duration(report.seconds)} ({state})")

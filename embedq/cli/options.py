@@ -1,15 +1,23 @@
 """The command line's options, declared once each and shared by the commands that take them.
 
 A parameter's name is the `Settings` field it sets (`settings.settings_from` relies on that), except
-`--redis`, which sets `redis_url`. A default of None means "not given": the setting then comes from
-`EMBEDQ_*` or `embedq.toml`.
+`--redis`, which sets `redis_url`. Every setting's option reads its `EMBEDQ_*` variable and shows
+it, its default and its choices in `--help`: the defaults in a command's signature are `DEFAULTS`,
+the settings' own, and `settings_from` takes only the values the user gave (flag or variable), so
+`embedq.toml` still applies under them. Defaults that depend on the machine or the model are None,
+shown as what decides them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
+
+from embedq.config import Backend, OutputDtype, Pooling, Precision, Settings
+
+DEFAULTS = Settings()
+"""The defaults, for the commands' signatures (`batch_size: BatchSizeOpt = DEFAULTS.batch_size`)."""
 
 # The panels of `--help`.
 _REDIS = "Redis"
@@ -18,131 +26,152 @@ _MODEL = "Model"
 _PRODUCER = "Producer"
 _WORKER = "Worker"
 
+# Choices, as the types of their options: `--help` lists them and a wrong one is a usage error.
+Format = Literal["auto", "parquet", "jsonl", "csv", "text"]
+TextUnit = Literal["line", "file"]
+
+
+def setting(setting_name: str, *flags: str, help: str, panel: str, metavar: str = "",
+            default: str | None = None) -> Any:
+    """The option of a setting: `EMBEDQ_<NAME>` as its variable, `metavar` for its value ("" for
+    flags and choices), and `default` as the text of a default that is not a plain value."""
+    return typer.Option(*flags, help=help, rich_help_panel=panel, envvar=f"EMBEDQ_{setting_name.upper()}",
+                        show_envvar=True, metavar=metavar or None,
+                        show_default=default if default is not None else True)
+
+
+def flag(*flags: str, help: str, panel: str | None = None, setting_name: str | None = None) -> Any:
+    """A yes/no option (no value shown in `--help`), a setting's when `setting_name` is given."""
+    if setting_name is None:
+        return typer.Option(*flags, help=help, rich_help_panel=panel, metavar="")
+    return typer.Option(*flags, help=help, rich_help_panel=panel, metavar="", show_envvar=True,
+                        envvar=f"EMBEDQ_{setting_name.upper()}")
+
+
 # -- what a command works on: the source, the job, the output
 
 SourceArg = Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False,
                                           metavar="SOURCE")]
-JobOpt = Annotated[str, typer.Option("--job", "-j", help="Job name.", show_default=False)]
+JobOpt = Annotated[str, typer.Option("--job", "-j", help="Job name.", show_default=False, metavar="NAME")]
 OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output directory for the Parquet parts.",
-                                     show_default=False)]
-AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+                                     show_default=False, metavar="DIR")]
+AsJsonOpt = Annotated[bool, flag("--json", help="Print JSON for scripts.")]
 
 # -- Redis
 
-RedisOpt = Annotated[str | None, typer.Option(
-    "--redis", help="Redis URL (redis://, rediss:// for TLS, unix://). Default: EMBEDQ_REDIS_URL or "
-    "redis://127.0.0.1:6379/0.", rich_help_panel=_REDIS, show_default=False)]
-PrefixOpt = Annotated[str | None, typer.Option(
-    "--key-prefix", help="Prefix of every Redis key (to separate tenants). Default: embedq.",
-    rich_help_panel=_REDIS, show_default=False)]
-TlsCaOpt = Annotated[str | None, typer.Option("--tls-ca", help="CA certificate file for rediss://.",
-                                              rich_help_panel=_REDIS, show_default=False)]
-TlsCertOpt = Annotated[str | None, typer.Option("--tls-cert", help="Client certificate file for rediss://.",
-                                                rich_help_panel=_REDIS, show_default=False)]
-TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", help="Client key file for rediss://.",
-                                               rich_help_panel=_REDIS, show_default=False)]
+RedisOpt = Annotated[str, setting(
+    "redis_url", "--redis", help="Redis URL (redis://, rediss:// for TLS, unix://).", panel=_REDIS, metavar="URL")]
+PrefixOpt = Annotated[str, setting(
+    "key_prefix", "--key-prefix", help="Prefix of every Redis key (to separate tenants).", panel=_REDIS,
+    metavar="PREFIX")]
+TlsCaOpt = Annotated[str | None, setting("tls_ca", "--tls-ca", help="CA certificate file for rediss://.",
+                                         panel=_REDIS, metavar="FILE", default="system CAs")]
+TlsCertOpt = Annotated[str | None, setting("tls_cert", "--tls-cert", help="Client certificate file for rediss://.",
+                                           panel=_REDIS, metavar="FILE", default="none")]
+TlsKeyOpt = Annotated[str | None, setting("tls_key", "--tls-key", help="Client key file for rediss://.",
+                                          panel=_REDIS, metavar="FILE", default="none")]
 
 # -- Source (how SOURCE is read; not settings: see `settings.source_spec`)
 
-FormatOpt = Annotated[str, typer.Option(
-    "--format", help="Source format: auto (by file suffix), parquet, jsonl, csv, text.", rich_help_panel=_SOURCE)]
+FormatOpt = Annotated[Format, typer.Option(
+    "--format", help="Source format; auto picks it by file suffix.", rich_help_panel=_SOURCE)]
 IdFieldOpt = Annotated[str | None, typer.Option(
-    "--id-field", help="Column/field holding document ids. Default: 'id' if present, else positions 0, 1, ...",
-    rich_help_panel=_SOURCE, show_default=False)]
+    "--id-field", help="Column/field holding document ids.", rich_help_panel=_SOURCE, metavar="NAME",
+    show_default="'id' if present, else positions 0, 1, ...")]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column/field holding the text.",
-                                           rich_help_panel=_SOURCE)]
-TextUnitOpt = Annotated[str, typer.Option(
-    "--text-unit", help="For text files: one document per 'line' or per 'file'.", rich_help_panel=_SOURCE)]
+                                           rich_help_panel=_SOURCE, metavar="NAME")]
+TextUnitOpt = Annotated[TextUnit, typer.Option(
+    "--text-unit", help="For text files: one document per line or per file.", rich_help_panel=_SOURCE)]
 
 # -- Model
 
-ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Model directory (sentence-transformers or Hugging Face, on disk). Default: the "
-    "bundled all-MiniLM-L6-v2 (for `work`: the job's model).", rich_help_panel=_MODEL, show_default=False)]
-PoolingOpt = Annotated[str | None, typer.Option(
-    "--pooling", help="mean, cls or last. Default: what the model's configuration says.",
-    rich_help_panel=_MODEL, show_default=False)]
+ModelOpt = Annotated[str | None, setting(
+    "model", "--model", "-m", help="Model directory (sentence-transformers or Hugging Face, on disk).",
+    panel=_MODEL, metavar="DIR", default="the bundled all-MiniLM-L6-v2")]
+JobModelOpt = Annotated[str | None, setting(
+    "model", "--model", "-m", help="Model directory, for a job whose model is not at the path it recorded.",
+    panel=_MODEL, metavar="DIR", default="the job's model")]
+PoolingOpt = Annotated[Pooling | None, setting(
+    "pooling", "--pooling", help="How token vectors become one embedding.", panel=_MODEL,
+    default="the model's configuration")]
 NormalizeOpt = Annotated[bool | None, typer.Option(
-    "--normalize/--no-normalize", help="L2-normalize embeddings. Default: as the model is configured.",
-    rich_help_panel=_MODEL, show_default=False)]
-MaxSeqOpt = Annotated[int | None, typer.Option(
-    "--max-seq-len", help="Truncate documents to this many tokens. Default: the model's maximum.",
-    rich_help_panel=_MODEL, show_default=False)]
+    "--normalize/--no-normalize", help="L2-normalize embeddings.", rich_help_panel=_MODEL, metavar="",
+    envvar="EMBEDQ_NORMALIZE", show_envvar=True, show_default="the model's configuration")]
+MaxSeqOpt = Annotated[int | None, setting(
+    "max_seq_len", "--max-seq-len", help="Truncate documents to this many tokens.", panel=_MODEL, metavar="TOKENS",
+    default="the model's maximum")]
 
 # -- Producer
 
-BatchSizeOpt = Annotated[int | None, typer.Option(
-    "--batch-size", help="Documents per stream message. Default: 512.", rich_help_panel=_PRODUCER,
-    show_default=False)]
-BacklogOpt = Annotated[int | None, typer.Option(
-    "--backlog", help="Unsettled messages in the stream before the producer waits (bounds Redis memory). "
-    "Default: 512.", rich_help_panel=_PRODUCER, show_default=False)]
-MaxDocOpt = Annotated[int | None, typer.Option(
-    "--max-doc-bytes", help="Documents larger than this are dead-lettered. Default: 1 MiB.",
-    rich_help_panel=_PRODUCER, show_default=False)]
-AllowEmptyOpt = Annotated[bool | None, typer.Option(
+BatchSizeOpt = Annotated[int, setting("batch_size", "--batch-size", help="Documents per stream message.",
+                                      panel=_PRODUCER, metavar="N")]
+BacklogOpt = Annotated[int, setting(
+    "backlog", "--backlog", help="Unsettled messages in the stream before the producer waits (bounds Redis "
+    "memory).", panel=_PRODUCER, metavar="N")]
+MaxDocOpt = Annotated[int, setting(
+    "max_doc_bytes", "--max-doc-bytes", help="Documents larger than this are dead-lettered.", panel=_PRODUCER,
+    metavar="BYTES")]
+AllowEmptyOpt = Annotated[bool, flag(
     "--allow-empty/--no-allow-empty", help="Embed empty documents instead of dead-lettering them.",
-    rich_help_panel=_PRODUCER, show_default=False)]
-AllowDupOpt = Annotated[bool | None, typer.Option(
+    panel=_PRODUCER, setting_name="allow_empty")]
+AllowDupOpt = Annotated[bool, flag(
     "--allow-duplicate-ids/--no-allow-duplicate-ids",
     help="Embed the first of several documents with the same id and dead-letter the others, instead of "
-    "refusing the source.", rich_help_panel=_PRODUCER, show_default=False)]
-UntilCompleteOpt = Annotated[bool, typer.Option(
+    "refusing the source.", panel=_PRODUCER, setting_name="allow_duplicate_ids")]
+UntilCompleteOpt = Annotated[bool, flag(
     "--until-complete/--exit-when-published", help="Stay after publishing until the job is complete (settled "
     "and its output final), publishing again whatever a Redis crash or failover lost; for services.",
-    rich_help_panel=_PRODUCER)]
-PretokOpt = Annotated[bool | None, typer.Option(
+    panel=_PRODUCER)]
+PretokOpt = Annotated[bool, flag(
     "--pretokenize/--no-pretokenize", help="Tokenize in the producer, so token ids travel in the messages "
-    "(moves tokenization to CPU nodes).", rich_help_panel=_PRODUCER, show_default=False)]
+    "(moves tokenization to CPU nodes).", panel=_PRODUCER, setting_name="pretokenize")]
 
 # -- Worker
 
-BackendOpt = Annotated[str | None, typer.Option(
-    "--backend", help="auto, torch, onnxruntime or tensorrt. Default: auto (the fastest available).",
-    rich_help_panel=_WORKER, show_default=False)]
-DeviceOpt = Annotated[str | None, typer.Option(
-    "--device", help="auto, cpu, cuda or cuda:N. Default: auto (cuda if present).", rich_help_panel=_WORKER,
-    show_default=False)]
-PrecisionOpt = Annotated[str | None, typer.Option(
-    "--precision", help="auto, fp32, fp16 or bf16. Default: fp16 on GPUs, fp32 on CPUs.",
-    rich_help_panel=_WORKER, show_default=False)]
-ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", help="CPU threads for inference on CPU. Default: all cores.", rich_help_panel=_WORKER,
-    show_default=False)]
-TokenBudgetOpt = Annotated[int | None, typer.Option(
-    "--token-budget", help="Padded tokens per engine batch. Default: 4096 on CPU, 65536 on GPU.",
-    rich_help_panel=_WORKER, show_default=False)]
-SeqLensOpt = Annotated[str | None, typer.Option(
-    "--seq-lens", help="Bucket sequence lengths, comma-separated (`embedq profile SOURCE` proposes them). "
-    "Default: a table of steps of about 1.4x up to the model's maximum.", rich_help_panel=_WORKER,
-    show_default=False)]
-TokProcOpt = Annotated[int | None, typer.Option(
-    "--tokenizer-processes", help="Processes that tokenize for the worker. Default: all cores but two on a "
-    "GPU node, 0 (in the worker) on a CPU node.", rich_help_panel=_WORKER, show_default=False)]
-GraphsOpt = Annotated[bool | None, typer.Option(
-    "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA). Default: on.",
-    rich_help_panel=_WORKER, show_default=False)]
-WindowOpt = Annotated[int | None, typer.Option(
-    "--window-docs", help="At most this many documents sorted by length together and written as one part. "
-    "Default: 16384.", rich_help_panel=_WORKER, show_default=False)]
-WindowSecondsOpt = Annotated[float | None, typer.Option(
-    "--window-seconds", help="A window also closes after about this many seconds of engine work at the measured "
-    "speed (at most a third of the lease), so slow devices commit often. Default: 5.", rich_help_panel=_WORKER,
-    show_default=False)]
-LeaseOpt = Annotated[float | None, typer.Option(
-    "--lease-seconds", help="A worker silent this long loses its batches to others. Default: 30.",
-    rich_help_panel=_WORKER, show_default=False)]
-FailuresOpt = Annotated[int | None, typer.Option(
-    "--max-failures", help="Failed attempts before a document is dead-lettered. Default: 3.",
-    rich_help_panel=_WORKER, show_default=False)]
-DeliveriesOpt = Annotated[int | None, typer.Option(
-    "--max-deliveries", help="Workers that died while working on a batch before it is split to find the culprit "
-    "(a lone document is then dead-lettered); workers that merely held it do not count. Default: 5.",
-    rich_help_panel=_WORKER, show_default=False)]
-ShutdownOpt = Annotated[float | None, typer.Option(
-    "--shutdown-timeout", help="Seconds to finish the work on the engine after SIGTERM or Ctrl-C; the rest is "
-    "handed back at once. Default: 60.",
-    rich_help_panel=_WORKER, show_default=False)]
-DtypeOpt = Annotated[str | None, typer.Option(
-    "--output-dtype", help="float32 or float16 embeddings in the Parquet output. Default: float32.",
-    rich_help_panel=_WORKER, show_default=False)]
+BackendOpt = Annotated[Backend, setting(
+    "backend", "--backend", help="Inference engine: auto (the fastest available), torch, onnxruntime or tensorrt.",
+    panel=_WORKER, metavar="ENGINE")]
+DeviceOpt = Annotated[str, setting(
+    "device", "--device", help="auto (cuda if present), cpu, cuda or cuda:N.", panel=_WORKER, metavar="DEVICE")]
+PrecisionOpt = Annotated[Precision, setting(
+    "precision", "--precision", help="auto: fp16 on GPUs, fp32 on CPUs.", panel=_WORKER)]
+ThreadsOpt = Annotated[int | None, setting(
+    "threads", "--threads", help="CPU threads for inference on CPU.", panel=_WORKER, metavar="N",
+    default="all cores")]
+TokenBudgetOpt = Annotated[int | None, setting(
+    "token_budget", "--token-budget", help="Padded tokens per engine batch.", panel=_WORKER, metavar="TOKENS",
+    default="4096 on CPU, 65536 on GPU")]
+SeqLensOpt = Annotated[str | None, setting(
+    "seq_lens", "--seq-lens", help="Bucket sequence lengths, comma-separated (`embedq profile SOURCE` proposes "
+    "them).", panel=_WORKER, metavar="N,N,...", default="steps of about 1.4x up to the model's maximum")]
+TokProcOpt = Annotated[int | None, setting(
+    "tokenizer_processes", "--tokenizer-processes", help="Processes that tokenize for the worker (0: in the "
+    "worker).", panel=_WORKER, metavar="N", default="all cores but two on a GPU node, 0 on a CPU node")]
+GraphsOpt = Annotated[bool, flag(
+    "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA).", panel=_WORKER,
+    setting_name="cuda_graphs")]
+WindowOpt = Annotated[int, setting(
+    "window_docs", "--window-docs", help="At most this many documents sorted by length together and written as "
+    "one part.", panel=_WORKER, metavar="N")]
+WindowSecondsOpt = Annotated[float, setting(
+    "window_seconds", "--window-seconds", help="A window also closes after about this many seconds of engine "
+    "work at the measured speed (at most a third of the lease), so slow devices commit often.", panel=_WORKER,
+    metavar="SECONDS")]
+LeaseOpt = Annotated[float, setting(
+    "lease_seconds", "--lease-seconds", help="A worker silent this long loses its batches to others.",
+    panel=_WORKER, metavar="SECONDS")]
+FailuresOpt = Annotated[int, setting(
+    "max_failures", "--max-failures", help="Failed attempts before a document is dead-lettered.", panel=_WORKER,
+    metavar="N")]
+DeliveriesOpt = Annotated[int, setting(
+    "max_deliveries", "--max-deliveries", help="Workers that died while working on a batch before it is split to "
+    "find the culprit (a lone document is then dead-lettered); workers that merely held it do not count.",
+    panel=_WORKER, metavar="N")]
+ShutdownOpt = Annotated[float, setting(
+    "shutdown_timeout", "--shutdown-timeout", help="Seconds to finish the work on the engine after SIGTERM or "
+    "Ctrl-C; the rest is handed back at once.", panel=_WORKER, metavar="SECONDS")]
+DtypeOpt = Annotated[OutputDtype, setting(
+    "output_dtype", "--output-dtype", help="Type of the embeddings in the Parquet output.", panel=_WORKER)]
+AllowDeadOpt = Annotated[bool, flag(
+    "--allow-dead-letters", help="Count dead-lettered documents as accounted for: exit 0 when the job is "
+    "complete with dead letters (they are listed in the output's _dead_letters.jsonl), instead of 8.")]

@@ -7,14 +7,16 @@ setting needs its option declared and added to a command's signature, nothing el
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from embedq.config import Settings, load_settings
-from embedq.errors import UsageError
+from embedq.connection import DEFAULT_URL
 
 if TYPE_CHECKING:
     import redis
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 # Parameters whose name is not the setting they set.
 _RENAMED = {"redis": "redis_url"}
 _SETTING_NAMES = frozenset(f.name for f in fields(Settings))
-_TEXT_UNITS = ("line", "file")
 
 
 def setting_flags(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,10 +36,28 @@ def setting_flags(params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in renamed if name in _SETTING_NAMES}
 
 
+def given(ctx: typer.Context) -> dict[str, Any]:
+    """The command's parameters that the user gave, as a flag or through their `EMBEDQ_*` variable:
+    not those left at their defaults, so that `embedq.toml` applies under them."""
+    return {name: value for name, value in ctx.params.items() if _source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT")}
+
+
 def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
     """The settings for this command: its flags (those given), over `EMBEDQ_*` and `embedq.toml`;
     `overrides` (setting names) over all of them."""
-    return load_settings({**setting_flags(ctx.params), **overrides})
+    from_variables = {name: f"EMBEDQ_{name.upper()}" for name in setting_flags(ctx.params)
+                      if _source(ctx, "redis" if name == "redis_url" else name) == "ENVIRONMENT"}
+    return load_settings({**setting_flags(given(ctx)), **overrides}, origins=from_variables)
+
+
+def redis_named(ctx: typer.Context, settings: Settings) -> bool:
+    """Whether the user named a Redis (flag, variable or file), rather than leaving the default."""
+    return _source(ctx, "redis") in ("COMMANDLINE", "ENVIRONMENT") or settings.redis_url != DEFAULT_URL
+
+
+def _source(ctx: typer.Context, param: str) -> str | None:
+    source = ctx.get_parameter_source(param)
+    return None if source is None else source.name
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -54,6 +73,21 @@ def job_in_redis(ctx: typer.Context, job: str) -> tuple[redis.Redis, JobKeys]:
     return connect(settings), job_keys(job, settings)
 
 
+@contextlib.contextmanager
+def job_at_output(ctx: typer.Context, job: str, out: str) -> Iterator[tuple[redis.Redis, JobKeys]]:
+    """Like `job_in_redis`, for a command given the job's output directory: where `embedq run` kept
+    its private Redis's data there (and no Redis was named), that Redis is started for the command."""
+    from embedq.connection import kept_state, redis_for_run
+
+    settings = settings_from(ctx)
+    if kept_state(out) is None or redis_named(ctx, settings):
+        yield connect(settings), job_keys(job, settings)
+        return
+    with redis_for_run(settings.redis_url, output_dir=out, log=logging.getLogger("embedq").info) as url:
+        settings = settings_from(ctx, redis_url=url)
+        yield connect(settings), job_keys(job, settings)
+
+
 def job_keys(job: str, settings: Settings) -> JobKeys:
     """The Redis keys of `job` under the settings' key prefix."""
     from embedq.keys import JobKeys
@@ -65,8 +99,6 @@ def source_spec(params: Mapping[str, Any]) -> SourceSpec:
     """How to read SOURCE, from the command's source argument and `Source` options."""
     from embedq.producer.sources import SourceSpec
 
-    if params["text_unit"] not in _TEXT_UNITS:
-        raise UsageError(f"--text-unit must be 'line' or 'file', got {params['text_unit']!r}")
     return SourceSpec(path=params["source"], format=params["fmt"], id_field=params["id_field"],
                       text_field=params["text_field"], text_unit=params["text_unit"])
 
