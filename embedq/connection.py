@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -72,6 +73,7 @@ def connect(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
         raise UsageError(f"Redis URL {redact(settings.url)!r} is not valid: {exc}") from exc
     if check:
         check_server(client, settings.url)
+        logging.getLogger("embedq").debug("connected to Redis at %s", redact(settings.url))
     return client
 
 

@@ -152,8 +152,10 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
         src.close()
     elif src is not None:
         src.close()
+    # The same fields as the worker's finalization writes (`finalize_output`), and the verdict.
+    dead_letters = sum(len(e.letter.doc_ids) for e in letters)
     write_manifest_file(output, keys.job, repaired.parts, complete=result.complete and result.ok,
-                        extra={**record.model_fields(), "verified": result.ok})
+                        extra={**record.model_fields(), "dead_letters": dead_letters, "verified": result.ok})
     return result
 
 

@@ -7,6 +7,7 @@ outside `engines/`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from . import create_engine, resolve_backend
 from .base import Engine, EngineConfig
 from .device import resolve_device
 from .profiles import DEFAULT_SEQ_LENS, profile_table
+
+log = logging.getLogger("embedq.engines")
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -65,4 +68,9 @@ def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
 
 def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
     """A not yet started engine for `model` as `spec` asks (use it with `with`)."""
-    return create_engine(*plan_engine(model, spec))
+    backend, config = plan_engine(model, spec)
+    why = "as asked" if spec.backend == backend else f"{spec.backend}: the fastest available on {config.device}"
+    log.info("engine: %s (%s), %s on %s, %d profiles up to %d tokens%s", backend, why, config.precision,
+             config.device, len(config.profiles), max(p.max_seq_len for p in config.profiles),
+             ", CUDA graphs" if config.cuda_graphs else "")
+    return create_engine(backend, config)

@@ -242,6 +242,8 @@ class Worker:
         finally:
             self.working.discard(ids)
         self.report.stages.tokenized += len(window)
+        log.debug("window of %d documents (%d tokens) from %d batches ready for the engine", len(window),
+                  window.token_count, len(window.entries))
         return window
 
     def _engine_loop(self) -> None:
@@ -302,6 +304,7 @@ class Worker:
             with self._parts_lock:  # several commit threads add to the same counters
                 if step is Step.PUBLISHED:
                     self.report.parts += 1
+                    log.debug("part of %d documents written and visible", len(window))
                 elif step is Step.SETTLED:
                     self.report.documents += len(window)
                     self.report.stages.committed += len(window)

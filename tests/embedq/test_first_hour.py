@@ -255,3 +255,8 @@ def test_dead_letters_make_run_exit_8_unless_allowed(tmp_path: Path, tiny_model:
     assert "2 documents embedded, 1 dead-lettered, 1 part " in result.stdout  # "1 part", not "1 parts"
     allowed = cli(*args, "--allow-dead-letters")
     assert allowed.returncode == 0 and "already complete" in allowed.stdout, allowed.stderr
+    verified = cli("verify", "--job", job_name, "--out", str(tmp_path / "out"), "--redis", redis_url,
+                   "--allow-dead-letters")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["verified"] and manifest["dead_letters"] == 1  # verify keeps what finalization wrote
