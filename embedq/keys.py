@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from embedq.errors import UsageError
 
@@ -20,6 +21,14 @@ def check_job_name(job: str) -> str:
             "starting with a letter or digit."
         )
     return job
+
+
+def default_job_name(source: str, fingerprint: str) -> str:
+    """A job name from the source's name and fingerprint, so publishing the same source again resumes
+    the same job (`embedq run` without --job, `embedq.submit` without `job`)."""
+    stem = "stdin" if source == "-" else Path(source.rstrip("/")).name.split(".")[0]
+    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-._")[:40] or "job"
+    return f"{clean}-{fingerprint.split(':')[-1][:8]}"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,24 @@ def output_schema(id_type: str, dim: int, dtype: str = "float32",
     return pa.schema(fields, metadata=encoded or None)
 
 
+def part_table(schema: pa.Schema, ids: Sequence[DocId] | np.ndarray, embeddings: np.ndarray, n_tokens: np.ndarray,
+               truncated: np.ndarray) -> pa.Table:
+    """Rows laid out as `schema` (an `output_schema`) says; embeddings are `(n, dim)`, converted to its
+    value type. The worker's parts and the Python API's tables are both made here."""
+    value_type = schema.field("embedding").type.value_type
+    dim = schema.field("embedding").type.list_size
+    n = len(ids)
+    if embeddings.shape != (n, dim):
+        raise ValueError(f"embeddings are {embeddings.shape}, expected ({n}, {dim})")
+    values = np.ascontiguousarray(embeddings, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(values, type=value_type), dim)
+    return pa.Table.from_arrays(
+        [pa.array(ids, type=schema.field("id").type), embedding, pa.array(n_tokens, type=pa.int32()),
+         pa.array(truncated, type=pa.bool_())],
+        schema=schema,
+    )
+
+
 def part_metadata(job: str, model: dict[str, Any], backend: str, precision: str) -> dict[str, Any]:
     """The file metadata of a job's parts (contract 5)."""
     return {**model, "backend": backend, "precision": precision, "embedq_version": __version__, "job": job}
@@ -81,23 +99,11 @@ class PartWriter:
         self.schema = schema
         self.disk_retry_seconds = disk_retry_seconds
         self._stopping = stopping
-        self._value_type = schema.field("embedding").type.value_type
-        self._dim = schema.field("embedding").type.list_size
 
     def table(self, ids: Sequence[DocId], embeddings: np.ndarray, n_tokens: np.ndarray,
               truncated: np.ndarray) -> pa.Table:
         """The Arrow table of one part; embeddings are `(n, dim)`."""
-        n = len(ids)
-        if embeddings.shape != (n, self._dim):
-            raise ValueError(f"embeddings are {embeddings.shape}, expected ({n}, {self._dim})")
-        values = np.ascontiguousarray(embeddings, dtype=self._value_type.to_pandas_dtype()).reshape(-1)
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values, type=self._value_type), self._dim)
-        id_type = self.schema.field("id").type
-        return pa.Table.from_arrays(
-            [pa.array(ids, type=id_type), embedding, pa.array(n_tokens, type=pa.int32()),
-             pa.array(truncated, type=pa.bool_())],
-            schema=self.schema,
-        )
+        return part_table(self.schema, ids, embeddings, n_tokens, truncated)
 
     def stage(self, name: str, table: pa.Table) -> StagedPart:
         """Write `table` to the staging name and fsync it; the part stays invisible to readers."""

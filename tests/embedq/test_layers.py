@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WINGS = {"producer": ROOT / "producer", "worker": ROOT / "worker", "engines": ROOT / "engines"}
 # The application layer sits above the wings and may import all of them.
-APPLICATION = {"cli", "bench", "verify", "status", "__main__"}
+APPLICATION = {"cli", "bench", "verify", "status", "api", "__main__"}
 CORE = sorted(p for p in (ROOT / "embedq").glob("*.py") if p.stem not in APPLICATION)
 ENGINE_LIBRARIES = {"torch", "onnxruntime", "tensorrt", "tensorrt_rtx"}
 
