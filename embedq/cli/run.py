@@ -12,7 +12,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
@@ -58,6 +57,7 @@ from embedq.cli.settings import connect, job_keys, load_model, redis_named, sett
 from embedq.config import Settings
 from embedq.connection import DEFAULT_URL, redact
 from embedq.errors import JobMismatch, VerificationFailed
+from embedq.keys import default_job_name
 
 if TYPE_CHECKING:
     import redis
@@ -122,7 +122,7 @@ def run(
         settings = settings_from(ctx, redis_url=url)  # the Redis that answered, or the private one
         client = connect(settings)
         scan = src.scan()
-        name = job or _default_job_name(source, scan.fingerprint)
+        name = job or default_job_name(source, scan.fingerprint)
         keys = job_keys(name, settings)
         _check_output(client, keys, output)  # before anything is published
         before = read_status(client, keys)
@@ -264,10 +264,3 @@ def _poll(read: Callable[[], _Status], show: Callable[[_Status], object], every:
         thread.join(timeout=5)
         with contextlib.suppress(Exception):
             show(read())
-
-
-def _default_job_name(source: str, fingerprint: str) -> str:
-    """A job name from the source's name and fingerprint, so running `run` again resumes the same job."""
-    stem = "stdin" if source == "-" else Path(source.rstrip("/")).name.split(".")[0]
-    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-._")[:40] or "job"
-    return f"{clean}-{fingerprint.split(':')[-1][:8]}"

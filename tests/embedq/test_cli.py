@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,12 @@ def test_run_embeds_the_bundled_sample_end_to_end_and_verify_agrees(tmp_path: Pa
     result = embedq("run", str(SAMPLE), "--out", str(out), "--job", job_name, "--redis", redis_url)
     assert result.returncode == 0, result.stderr
     assert "1,000 documents embedded" in result.stdout
+    # Not a terminal: plain progress lines on stderr, no escape codes, the summary once.
+    assert "\x1b[" not in result.stderr + result.stdout
+    assert f"embed {job_name}: 1,000/1,000 docs (100.0%)" in result.stderr
+    assert result.stdout.count("documents embedded") == 1
+    assert not re.search(r"worker \S+: [\d,]+ documents, ", result.stderr)  # the display says it already
+    assert "Loading weights" not in result.stderr
     status = embedq("status", "--job", job_name, "--json", "--redis", redis_url)
     counts = json.loads(status.stdout)
     assert counts["complete"] and counts["committed_documents"] == 1000 and counts["dead_documents"] == 0
@@ -110,8 +117,6 @@ def test_bad_input_gets_a_clear_error_and_exit_code(tmp_path: Path, redis_url: s
         args += ["--redis", redis_url]
     result = embedq(*args, timeout=120)
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    import re
-
     assert re.search(message, result.stderr), result.stderr
     assert "Traceback" not in result.stderr
 
