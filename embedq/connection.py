@@ -180,11 +180,19 @@ class RedisServer:
                 log = (self.directory / "redis.log").read_text(errors="replace")[-2000:] if (
                     self.directory / "redis.log").exists() else ""
                 raise RedisUnavailable(f"redis-server exited at start (code {self._process.returncode}): {log}")
-            if answers(self.url) or (self.extra_args and self._port_open()):
+            if (answers(self.url) and self._loaded()) or (self.extra_args and self._port_open()):
                 return self
             time.sleep(0.05)
         self.stop()
         raise RedisUnavailable(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def _loaded(self) -> bool:
+        """Done loading its data: PING answers while an AOF still loads, other commands do not."""
+        try:
+            info = redis.Redis.from_url(self.url, socket_timeout=1.0).info("persistence")
+        except (redis.RedisError, OSError):
+            return False
+        return int(info.get("loading", 1)) == 0
 
     def _port_open(self) -> bool:
         with contextlib.closing(socket.socket()) as sock:
