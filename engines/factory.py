@@ -15,14 +15,16 @@ from embedq.config import Settings, parse_seq_lens
 from embedq.model import ModelInfo
 
 from . import create_engine, resolve_backend
-from .base import Engine, EngineConfig
+from .base import Engine, EngineConfig, Pending, Profile
 from .device import resolve_device
 from .profiles import DEFAULT_SEQ_LENS, profile_table
 
 log = logging.getLogger("embedq.engines")
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+
+    import numpy as np
 
 # CPU: 1k-4k token batches ran as fast as larger ones (2 cores, MiniLM); GPU: 64k-token batches
 # kept the H200 busiest in eager mode (engine measurements, 2026-11-28).
@@ -67,10 +69,50 @@ def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
 
 
 def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
-    """A not yet started engine for `model` as `spec` asks (use it with `with`)."""
+    """A not yet started engine for `model` as `spec` asks (use it with `with`). Where "auto" picked
+    TensorRT, an engine that falls back to torch (with CUDA graphs) if TensorRT cannot run here."""
     backend, config = plan_engine(model, spec)
     why = "as asked" if spec.backend == backend else f"{spec.backend}: the fastest available on {config.device}"
     log.info("engine: %s (%s), %s on %s, %d profiles up to %d tokens%s", backend, why, config.precision,
              config.device, len(config.profiles), max(p.max_seq_len for p in config.profiles),
              ", CUDA graphs" if config.cuda_graphs else "")
-    return create_engine(backend, config)
+    engine = create_engine(backend, config)
+    if spec.backend == "auto" and backend == "tensorrt":
+        return FallbackEngine(engine, lambda: create_engine("torch", config))
+    return engine
+
+
+class FallbackEngine:
+    """An engine that starts `primary`, or, if it cannot run on this machine (`EngineUnavailable`),
+    says why and starts `fallback()` instead; then it is whichever started."""
+
+    def __init__(self, primary: Engine, fallback: Callable[[], Engine]) -> None:
+        self._active = primary
+        self._fallback = fallback
+        self.config = primary.config
+        self.name = primary.name
+
+    @property
+    def dim(self) -> int:
+        return self._active.dim
+
+    @property
+    def profiles(self) -> Sequence[Profile]:
+        return self._active.profiles
+
+    def __enter__(self) -> Engine:
+        from .tensorrt_engine import EngineUnavailable
+
+        try:
+            return self._active.__enter__()
+        except EngineUnavailable as exc:
+            log.warning("%s; using the torch engine instead", exc)
+            self._active = self._fallback()
+            self.name = self._active.name
+            return self._active.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._active.__exit__(*exc)
+
+    def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> Pending:
+        return self._active.submit(input_ids, lengths)

@@ -11,9 +11,12 @@ The graph (the contract ONNX Runtime runs and the TensorRT backend builds from; 
 Right padding with the model's pad id; the attention mask `arange(sequence) < lengths[:, None]`
 is computed inside the graph, so callers hand over exactly what the `Engine` protocol gets. int32,
 not int64: it is what the tokenizer produces, half the bytes to copy, and TensorRT's native index
-type. Weights and computation are fp32 (opset 17). `batch` and `sequence` are dynamic; `dim` is fixed.
-The file's metadata (`embedq.*` keys) records the model digest, pooling, normalization and
-dimension. The cache folder is keyed by model digest, pooling, normalization and `EXPORT_FORMAT`.
+type. Weights and computation are fp32 (opset 17), or fp16/bf16 for TensorRT's strongly typed
+networks (exported from the model on a CUDA GPU: torch's CPU kernels trace a graph of mixed types);
+`embeddings` stays float32 either way. `batch` and `sequence` are dynamic; `dim` is fixed.
+The file's metadata (`embedq.*` keys) records the model digest, pooling, normalization, dimension
+and precision. The cache folder is keyed by model digest, pooling, normalization, `EXPORT_FORMAT`
+and precision.
 """
 
 from __future__ import annotations
@@ -40,33 +43,39 @@ EXPORT_FORMAT = 1
 ONNX_FILE = "model.onnx"
 
 
-def onnx_path(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def onnx_path(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None, precision: str = "fp32") -> Path:
     """Where the exported graph of `model` (with its pooling and normalization) lives in the cache."""
-    return model_cache_dir(model, cache_dir, f"onnx-v{EXPORT_FORMAT}", f"opset{OPSET}") / ONNX_FILE
+    parts = (f"onnx-v{EXPORT_FORMAT}", f"opset{OPSET}") + (() if precision == "fp32" else (precision,))
+    return model_cache_dir(model, cache_dir, *parts) / ONNX_FILE
 
 
-def export_onnx(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cached ONNX file for `model`, exported (and checked) first if it is not there yet."""
-    path = onnx_path(model, cache_dir)
+def export_onnx(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None, *, precision: str = "fp32",
+                device: str = "cpu") -> Path:
+    """The cached ONNX file for `model`, exported (and checked) first if it is not there yet; an
+    fp16 or bf16 graph is traced on `device`, which must then be a CUDA GPU."""
+    path = onnx_path(model, cache_dir, precision)
     if path.is_file():
         return path
+    if precision != "fp32" and not device.startswith("cuda"):
+        raise EngineError(f"exporting an {precision} graph needs a CUDA device (torch's CPU kernels trace a graph "
+                          "of mixed types); export fp32 on this machine, or pass --device cuda.")
     with atomic_path(path) as staged:
-        _export(model, staged)
-        _annotate_and_check(model, staged)
+        _export(model, staged, precision, device if precision != "fp32" else "cpu")
+        _annotate_and_check(model, staged, precision)
     return path
 
 
-def _export(model: ModelInfo, destination: Path) -> None:
+def _export(model: ModelInfo, destination: Path, precision: str = "fp32", device: str = "cpu") -> None:
     import torch
 
     from .torch_engine import load_encoder
 
-    encoder = load_encoder(model, device="cpu", precision="fp32")
+    encoder = load_encoder(model, device=device, precision=precision)
     # Two rows of different lengths, one padded: the trace must see a real mask, not a skipped one.
-    example_ids = torch.full((2, 8), model.pad_token_id, dtype=torch.int32)
+    example_ids = torch.full((2, 8), model.pad_token_id, dtype=torch.int32, device=device)
     example_ids[:, :3] = 101
     example_ids[0, 3:8] = 102
-    example_lengths = torch.tensor([8, 3], dtype=torch.int32)
+    example_lengths = torch.tensor([8, 3], dtype=torch.int32, device=device)
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             # transformers warns that `is_causal` is traced as a constant; it is False for every
@@ -95,7 +104,7 @@ def _export(model: ModelInfo, destination: Path) -> None:
         ) from exc
 
 
-def _annotate_and_check(model: ModelInfo, path: Path) -> None:
+def _annotate_and_check(model: ModelInfo, path: Path, precision: str = "fp32") -> None:
     import onnx
 
     graph = onnx.load(str(path))
@@ -104,6 +113,7 @@ def _annotate_and_check(model: ModelInfo, path: Path) -> None:
     graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = model.dim
     metadata = {f"embedq.{key}": str(value) for key, value in model.describe().items()}
     metadata["embedq.export_format"] = str(EXPORT_FORMAT)
+    metadata["embedq.precision"] = precision
     onnx.helper.set_model_props(graph, metadata)
     onnx.save(graph, str(path))
     try:

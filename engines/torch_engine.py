@@ -1,11 +1,9 @@
 """The torch backend: the Hugging Face transformer plus pooling, eager on CPU, pipelined on CUDA.
 
-On CPU `submit` computes at once and returns `Done`. On CUDA each profile owns a ring of staging
-slots (pinned host inputs and outputs, device inputs): `submit` fills a slot's pinned buffers,
-copies them to the device on a copy stream, runs the model on a compute stream once the copy's
-event fires, and copies only `(B, dim)` float32 back into the slot's pinned output; `result()`
-waits on that batch's event. With `cuda_graphs=True` every profile is captured once at its
-max_batch, and a batch of fewer rows runs the same graph with its spare rows left as padding.
+On CPU `submit` computes at once and returns `Done`. On CUDA batches go through the shared
+double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream. With
+`cuda_graphs=True` every profile is captured once at its max_batch, and a batch of fewer rows runs
+the same graph with its spare rows left as padding.
 torch and transformers are imported when an engine starts, so this module imports without them.
 """
 
@@ -22,6 +20,7 @@ from embedq.errors import EngineError
 from embedq.model import ModelInfo, Pooling
 
 from .base import Done, EngineBase, EngineConfig, Pending, Profile, check_batch
+from .cuda_pipeline import CudaPipeline
 from .pooling import pooling_head
 
 if TYPE_CHECKING:
@@ -131,7 +130,7 @@ class TorchEngine(EngineBase):
         self.cuda_graphs = cuda_graphs
         self.slots_per_profile = slots_per_profile
         self._encoder: Any = None
-        self._pipeline: _CudaPipeline | None = None
+        self._pipeline: CudaPipeline | None = None
 
     def __enter__(self) -> TorchEngine:
         import torch
@@ -142,10 +141,9 @@ class TorchEngine(EngineBase):
             torch.set_num_threads(self.config.threads)
         self._encoder = load_encoder(self.config.model, device=str(device), precision=self.config.precision)
         if device.type == "cuda":
-            self._pipeline = _CudaPipeline(
-                self._encoder, device, self._profiles, self.dim, self.config.model.pad_token_id,
-                self.slots_per_profile, self.cuda_graphs,
-            )
+            runner = _TorchRunner(self._encoder, device, self.config.model.pad_token_id, self.cuda_graphs)
+            self._pipeline = CudaPipeline(runner, device, self._profiles, self.dim, self.config.model.pad_token_id,
+                                          self.slots_per_profile)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -200,20 +198,6 @@ def _torch_device(name: str, precision: str) -> torch.device:
 
 
 @dataclass
-class _Slot:
-    """Buffers one batch in flight uses; reused once that batch's result is on the host."""
-
-    host_ids: torch.Tensor  # pinned (max_batch, S) int32
-    host_lengths: torch.Tensor  # pinned (max_batch,) int32
-    host_out: torch.Tensor  # pinned (max_batch, dim) float32
-    device_ids: torch.Tensor
-    device_lengths: torch.Tensor
-    copied: Any  # torch.cuda.Event: the H2D copy is done
-    done: Any  # torch.cuda.Event: the result is in host_out
-    pending: _CudaPending | None = None
-
-
-@dataclass
 class _CapturedGraph:
     """One profile's CUDA graph, captured at max_batch, and the static buffers its replays use."""
 
@@ -223,142 +207,54 @@ class _CapturedGraph:
     out: torch.Tensor
 
 
-@dataclass
-class _ProfileLane:
-    """One profile's ring of slots and, with CUDA graphs, its captured graph."""
+class _TorchRunner:
+    """The model on the pipeline's compute stream: eager, or one captured CUDA graph per profile."""
 
-    slots: list[_Slot]
-    turn: int = 0
-    captured: _CapturedGraph | None = None
-
-
-class _CudaPending:
-    """A batch queued on the GPU; `result()` waits for its D2H copy and keeps its own copy of it."""
-
-    __slots__ = ("_rows", "_slot", "_value")
-
-    def __init__(self, slot: _Slot, rows: int) -> None:
-        self._slot = slot
-        self._rows = rows
-        self._value: np.ndarray | None = None
-
-    def result(self) -> np.ndarray:
-        if self._value is None:
-            self._slot.done.synchronize()
-            # Copied out because the pinned buffer is the slot's, and the slot serves a later batch.
-            self._value = self._slot.host_out.numpy()[: self._rows].copy()
-            if self._slot.pending is self:
-                self._slot.pending = None
-        return self._value
-
-
-class _CudaPipeline:
-    """Double-buffered H2D (copy stream) -> model (compute stream) -> D2H of `(B, dim)` per profile."""
-
-    def __init__(
-        self, encoder: torch.nn.Module, device: torch.device, profiles: Sequence[Profile], dim: int,
-        pad_id: int, slots_per_profile: int, cuda_graphs: bool,
-    ) -> None:
+    def __init__(self, encoder: torch.nn.Module, device: torch.device, pad_id: int, cuda_graphs: bool) -> None:
         import torch
 
         self._torch = torch
         self._encoder: Any = encoder
         self._device = device
-        self._copy_stream = torch.cuda.Stream(device)
-        self._compute_stream = torch.cuda.Stream(device)
-        self._lanes = {
-            profile: _ProfileLane([self._new_slot(profile, dim, pad_id) for _ in range(slots_per_profile)])
-            for profile in profiles
-        }
-        # The weights and buffers were written on the default stream; the two streams read them.
-        torch.cuda.synchronize(device)
-        if cuda_graphs:
-            with torch.inference_mode():
-                for profile, lane in self._lanes.items():
-                    lane.captured = self._capture(profile, pad_id)
+        self._pad_id = pad_id
+        self._cuda_graphs = cuda_graphs
+        self._graphs: dict[Profile, _CapturedGraph] = {}
 
-    def _new_slot(self, profile: Profile, dim: int, pad_id: int) -> _Slot:
-        torch = self._torch
-        rows, width = profile.max_batch, profile.max_seq_len
-        return _Slot(
-            host_ids=torch.full((rows, width), pad_id, dtype=torch.int32, pin_memory=True),
-            host_lengths=torch.ones(rows, dtype=torch.int32, pin_memory=True),
-            host_out=torch.empty((rows, dim), dtype=torch.float32, pin_memory=True),
-            device_ids=torch.full((rows, width), pad_id, dtype=torch.int32, device=self._device),
-            device_lengths=torch.ones(rows, dtype=torch.int32, device=self._device),
-            copied=torch.cuda.Event(),
-            # blocking: result() sleeps instead of spinning a core the tokenizer needs (spinning
-            # measured no faster end to end on the H200, 2026-11-28: 38.3k against 38.3k docs/s).
-            done=torch.cuda.Event(blocking=True),
-        )
+    def prepare(self, profiles: Sequence[Profile], stream: torch.cuda.Stream) -> None:
+        if self._cuda_graphs:
+            with self._torch.inference_mode():
+                for profile in profiles:
+                    self._graphs[profile] = self._capture(profile, stream)
 
-    def _capture(self, profile: Profile, pad_id: int) -> _CapturedGraph:
+    def _capture(self, profile: Profile, stream: torch.cuda.Stream) -> _CapturedGraph:
         """Capture the encoder once at (max_batch, max_seq_len); replays read the static inputs."""
         torch = self._torch
         rows, width = profile.max_batch, profile.max_seq_len
-        static_ids = torch.full((rows, width), pad_id, dtype=torch.int32, device=self._device)
+        static_ids = torch.full((rows, width), self._pad_id, dtype=torch.int32, device=self._device)
         static_lengths = torch.full((rows,), width, dtype=torch.int32, device=self._device)
-        self._compute_stream.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(self._compute_stream):
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
             # Warm-up on the capture stream lets lazy initialisation (cuBLAS handles, autotuning)
             # happen outside the capture, as CUDA graphs require.
             for _ in range(3):
                 self._encoder(static_ids, static_lengths)
-        self._compute_stream.synchronize()
+        stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         # Each graph gets its own memory pool: profiles replay in any order, and graphs sharing a
         # pool are only safe when replayed in their capture order.
-        with torch.cuda.graph(graph, stream=self._compute_stream):
+        with torch.cuda.graph(graph, stream=stream):
             static_out = self._encoder(static_ids, static_lengths)
         return _CapturedGraph(graph, static_ids, static_lengths, static_out)
 
-    def submit(self, profile: Profile, ids: np.ndarray, lengths: np.ndarray) -> Pending:
-        torch = self._torch
-        lane = self._lanes[profile]
-        slot = lane.slots[lane.turn]
-        lane.turn = (lane.turn + 1) % len(lane.slots)
-        if slot.pending is not None:
-            # The batch that used this slot last must leave its pinned output before we reuse it;
-            # this is also what bounds the batches in flight per profile.
-            slot.pending.result()
-        rows = ids.shape[0]
-        # The slot's H2D copy finished before its last result was ready, so the pinned inputs are free.
-        slot.host_ids.numpy()[:rows] = ids
-        slot.host_lengths.numpy()[:rows] = lengths
-        try:
-            with torch.inference_mode():
-                with torch.cuda.stream(self._copy_stream):
-                    slot.device_ids[:rows].copy_(slot.host_ids[:rows], non_blocking=True)
-                    slot.device_lengths[:rows].copy_(slot.host_lengths[:rows], non_blocking=True)
-                    slot.copied.record(self._copy_stream)
-                self._compute_stream.wait_event(slot.copied)
-                with torch.cuda.stream(self._compute_stream):
-                    out = self._run(lane, slot, rows)
-                    slot.host_out[:rows].copy_(out[:rows], non_blocking=True)
-                    slot.done.record(self._compute_stream)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise EngineError(
-                f"out of GPU memory on a {rows}x{profile.max_seq_len} batch of {profile}; "
-                "give the profiles a smaller token budget."
-            ) from exc
-        pending = _CudaPending(slot, rows)
-        slot.pending = pending
-        return pending
-
-    def _run(self, lane: _ProfileLane, slot: _Slot, rows: int) -> torch.Tensor:
-        captured = lane.captured
+    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, out: torch.Tensor,
+            stream: torch.cuda.Stream) -> torch.Tensor:
+        captured = self._graphs.get(profile)
         if captured is None:
-            return self._encoder(slot.device_ids[:rows], slot.device_lengths[:rows])
-        captured.ids[:rows].copy_(slot.device_ids[:rows])
-        captured.lengths[:rows].copy_(slot.device_lengths[:rows])
+            result: torch.Tensor = self._encoder(ids[:rows], lengths[:rows])
+            return result
+        captured.ids[:rows].copy_(ids[:rows])
+        captured.lengths[:rows].copy_(lengths[:rows])
         # Spare rows keep earlier (valid) ids; length 1 keeps their attention and pooling finite.
         captured.lengths[rows:].fill_(1)
         captured.graph.replay()
         return captured.out
-
-    def close(self) -> None:
-        torch = self._torch
-        torch.cuda.synchronize(self._device)
-        self._lanes.clear()
-        self._encoder = None
-        torch.cuda.empty_cache()

@@ -8,6 +8,7 @@
     embedq dead-letter list|replay         inspect and replay documents set aside
     embedq gc --job NAME --out DIR         remove orphan parts
     embedq delete --job NAME               remove a job's keys from Redis
+    embedq engine export|build             the ONNX graph, TensorRT engines ahead of time
 
 Settings come from flags, then `EMBEDQ_*` variables, then `embedq.toml`. Exit codes: 0 success,
 1 unexpected error, 2 usage, 3 source, 4 model, 5 Redis, 6 output, 7 job mismatch, 8 verification
@@ -28,7 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from embedq import __version__
-from embedq.cli import admin, bench, jobs, logs, profile, run
+from embedq.cli import admin, bench, engine, jobs, logs, profile, run
 from embedq.errors import EmbedqError, RedisUnavailable
 
 __all__ = ["app", "main"]
@@ -49,6 +50,8 @@ def _flags_without_type(params: list[Any]) -> list[Any]:
     for param in params:
         if (getattr(param, "is_flag", False) or getattr(param, "count", False)) and param.metavar is None:
             param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar:  # its name says what it is
+            param.display_type_rich = lambda ctx: None
     return params
 
 
@@ -76,6 +79,10 @@ for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, 
     app.command(cls=_Command)(command)
 dead_app.command("list", cls=_Command)(admin.dead_list)
 dead_app.command("replay", cls=_Command)(admin.dead_replay)
+engine.engine_app.info.cls = _Group
+app.add_typer(engine.engine_app, name="engine")
+engine.engine_app.command("export", cls=_Command)(engine.export)
+engine.engine_app.command("build", cls=_Command)(engine.build)
 
 
 def _version(value: bool) -> None:

@@ -89,10 +89,16 @@ def test_an_unknown_backend_is_an_engine_error_naming_the_choices(model_info: Mo
         resolve_backend("tensorflow", "cpu")
 
 
-def test_tensorrt_is_not_built_yet(model_info: ModelInfo) -> None:
-    with pytest.raises(EngineError, match="not built yet"):
+def test_tensorrt_without_its_library_says_how_to_get_it(model_info: ModelInfo,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # neither imports (as on these machines)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(EngineError, match=r"needs tensorrt or tensorrt_rtx.*pip install 'embedq\[tensorrt\]'"):
         create_engine("tensorrt", EngineConfig(model_info, (Profile(16, 4),), device="cuda"))
     assert "tensorrt" not in available_backends()
+    assert engines.resolve_backend("auto", "cuda") == "torch"
 
 
 def test_a_backend_whose_library_is_missing_says_what_to_install(

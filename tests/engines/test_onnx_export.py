@@ -69,7 +69,7 @@ def test_a_second_export_reuses_the_cached_file(
 def test_an_export_that_fails_leaves_nothing_behind(
     model_info: ModelInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def half_written(_model: ModelInfo, destination: Path) -> None:
+    def half_written(_model: ModelInfo, destination: Path, *_: object) -> None:
         destination.write_bytes(b"\x08\x07 half an onnx file")
         raise EngineError("the exporter crashed")
 
