@@ -12,8 +12,9 @@ Right padding with the model's pad id; the attention mask `arange(sequence) < le
 is computed inside the graph, so callers hand over exactly what the `Engine` protocol gets. int32,
 not int64: it is what the tokenizer produces, half the bytes to copy, and TensorRT's native index
 type. Weights and computation are fp32 (opset 17), or fp16/bf16 for TensorRT's strongly typed
-networks (exported from the model on a CUDA GPU: torch's CPU kernels trace a graph of mixed types);
-`embeddings` stays float32 either way. `batch` and `sequence` are dynamic; `dim` is fixed.
+networks; `embeddings` stays float32 either way. A half-precision graph is traced with eager
+attention: traced through SDPA, the attention blocks come out in float32 while the LayerNorm
+weights stay half, a graph ONNX Runtime and TensorRT both refuse. `batch` and `sequence` are dynamic; `dim` is fixed.
 The file's metadata (`embedq.*` keys) records the model digest, pooling, normalization, dimension
 and precision. The cache folder is keyed by model digest, pooling, normalization, `EXPORT_FORMAT`
 and precision.
@@ -51,16 +52,13 @@ def onnx_path(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None,
 
 def export_onnx(model: ModelInfo, cache_dir: str | os.PathLike[str] | None = None, *, precision: str = "fp32",
                 device: str = "cpu") -> Path:
-    """The cached ONNX file for `model`, exported (and checked) first if it is not there yet; an
-    fp16 or bf16 graph is traced on `device`, which must then be a CUDA GPU."""
+    """The cached ONNX file for `model`, exported (and checked) first if it is not there yet; the
+    model is traced on `device`."""
     path = onnx_path(model, cache_dir, precision)
     if path.is_file():
         return path
-    if precision != "fp32" and not device.startswith("cuda"):
-        raise EngineError(f"exporting an {precision} graph needs a CUDA device (torch's CPU kernels trace a graph "
-                          "of mixed types); export fp32 on this machine, or pass --device cuda.")
     with atomic_path(path) as staged:
-        _export(model, staged, precision, device if precision != "fp32" else "cpu")
+        _export(model, staged, precision, device)
         _annotate_and_check(model, staged, precision)
     return path
 
@@ -70,7 +68,8 @@ def _export(model: ModelInfo, destination: Path, precision: str = "fp32", device
 
     from .torch_engine import load_encoder
 
-    encoder = load_encoder(model, device=device, precision=precision)
+    encoder = load_encoder(model, device=device, precision=precision,
+                           attention="sdpa" if precision == "fp32" else "eager")
     # Two rows of different lengths, one padded: the trace must see a real mask, not a skipped one.
     example_ids = torch.full((2, 8), model.pad_token_id, dtype=torch.int32, device=device)
     example_ids[:, :3] = 101

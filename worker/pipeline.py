@@ -38,7 +38,15 @@ class EngineStats:
     done_documents: int = 0  # embedded: counted batch by batch as their results come back, for progress
     done_tokens: int = 0
     padded_tokens: int = 0
-    seconds: float = 0.0  # wall time with at least one window in the engine
+    seconds: float = 0.0  # wall time with at least one window in the engine, up to the last idle moment
+    busy_since: float | None = None  # when the current busy stretch began (perf_counter), if one runs
+
+    def busy_seconds(self) -> float:
+        """Wall time with work in the engine so far, the stretch still running included: an engine
+        fed without a pause (a fast GPU with windows prefetched) is never idle, so `seconds` alone
+        would stay 0 while it runs."""
+        since = self.busy_since
+        return self.seconds + (time.perf_counter() - since if since is not None else 0.0)
 
     @property
     def padding_ratio(self) -> float:
@@ -107,6 +115,7 @@ class _Stream:
         if self.busy_since is None:
             self.busy_since = time.perf_counter()
         if self.stats is not None:
+            self.stats.busy_since = self.busy_since
             self.stats.documents += rows.shape[0]
             self.stats.real_tokens += int(lengths.sum())
 
@@ -156,6 +165,7 @@ class _Stream:
             job = self.jobs.popleft()
             if not self.jobs and self.busy_since is not None and self.stats is not None:
                 self.stats.seconds += time.perf_counter() - self.busy_since
+                self.stats.busy_since = None
             if not self.jobs:
                 self.busy_since = None
             yield job

@@ -175,7 +175,7 @@ class Worker:
         idle_since: float | None = None
         batch_size = max(1, self.record.batch_size)
         while not self._stop_reading.is_set() and not self._abort.is_set():
-            target = self._sizer.next_window(self.report.stages.embedded, self.report.engine.seconds)
+            target = self._sizer.next_window(self.report.stages.embedded, self.report.engine.busy_seconds())
             per_read = max(1, -(-target // batch_size))
             deliveries: list[Delivery] = []
             if time.monotonic() >= next_reclaim:

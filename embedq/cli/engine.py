@@ -35,7 +35,7 @@ def export(
                                      show_default=False)],
     model: ModelOpt = None,
     precision: Annotated[ExportPrecision, typer.Option(
-        "--precision", help="Type of the weights and computation (fp16/bf16 are traced on a CUDA GPU).")] = "fp32",
+        "--precision", help="Type of the weights and computation (TensorRT builds in the graph's types).")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="Where to trace the model.", metavar="DEVICE")] = "cpu",
     check: CheckOpt = True,
 ) -> None:

@@ -109,3 +109,26 @@ def test_the_graph_accepts_any_batch_and_sequence_size(exported: Path) -> None:
         lengths = np.arange(1, rows + 1, dtype=np.int32).clip(max=width)
         (out,) = session.run([EMBEDDINGS], {INPUT_IDS: ids, LENGTHS: lengths})
         assert out.shape == (rows, 384) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_export_writes_a_checked_graph_that_matches_torch(precision: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`embedq engine export`: the graph TensorRT builds from (fp16: strongly typed, in half precision),
+    checked by onnx.checker and by ONNX Runtime against torch fp32 on the bundled sample texts."""
+    import re
+
+    import onnx
+    from typer.testing import CliRunner
+
+    from embedq.cli import app
+
+    monkeypatch.setenv("EMBEDQ_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["engine", "export", "--out", str(tmp_path / "out"), "--precision", precision])
+    assert result.exit_code == 0, result.output
+    found = re.search(r"min cosine (\d\.\d+), max L2 error", result.output)
+    assert found and float(found.group(1)) >= (0.9999 if precision == "fp32" else 0.999), result.output
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    weights = {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
+    assert weights == {onnx.TensorProto.FLOAT if precision == "fp32" else onnx.TensorProto.FLOAT16}
+    assert {p.key: p.value for p in graph.metadata_props}["embedq.precision"] == precision

@@ -203,3 +203,19 @@ def test_the_simulated_device_of_hostbench_keeps_the_engine_contract(model_info)
         assert second.result().shape == (5, model_info.dim) and first.result().shape == (3, model_info.dim)
         with pytest.raises(ValueError, match="no profile"):
             device.submit(np.zeros((2, 65), np.int32), np.ones(2, np.int32))
+
+
+def test_an_engine_fed_without_a_pause_still_reports_its_busy_time(model_info) -> None:
+    """What sizes windows by time: an engine that never idles (a GPU with windows prefetched) must not
+    read as 0 s of work, or the next window never grows past its first size (found on the H200,
+    2026-11-30: windows stuck at one stream message, 8.7k instead of 50k passages/s)."""
+    windows = [random_docs(300, seed=s) for s in range(4)]
+    engine = LateEngine(EngineConfig(model=model_info, profiles=profile_table(256, 2048)), 2)
+    stats = EngineStats()
+    busy = []
+    for _k, _result in embed_stream(engine, feeder([Work(k, w) for k, w in enumerate(windows)], False), 0,
+                                    depth=2, stats=stats):
+        busy.append((stats.seconds, stats.busy_seconds()))
+    assert busy[0][0] == 0.0 and busy[0][1] > 0.0  # busy from the start, never idle until the end
+    assert all(later >= earlier for (_, earlier), (_, later) in zip(busy, busy[1:], strict=False))
+    assert stats.busy_since is None and stats.seconds == pytest.approx(stats.busy_seconds())
