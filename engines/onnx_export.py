@@ -26,9 +26,12 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from embedq.durable import atomic_path
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
+from embedq.tokenization import TokenizedDocs
 
 from .cache import model_cache_dir
 
@@ -119,3 +122,19 @@ def _annotate_and_check(model: ModelInfo, path: Path, precision: str = "fp32") -
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise EngineError(f"the ONNX export of {model.name} does not pass onnx.checker: {exc}") from exc
+
+
+def run_onnxruntime(path: Path, docs: TokenizedDocs, pad_id: int, batch: int = 32) -> np.ndarray:
+    """Embed `docs` with ONNX Runtime (CPU) on the graph at `path`, in their order: a check of an
+    exported file, batches padded to their longest document."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows = []
+    for start in range(0, len(docs), batch):
+        lengths = docs.lengths[start:start + batch].astype(np.int32)
+        ids = np.full((len(lengths), int(lengths.max())), pad_id, np.int32)
+        for row, (offset, length) in enumerate(zip(docs.offsets[start:start + batch], lengths, strict=False)):
+            ids[row, :length] = docs.tokens[offset:offset + length]
+        rows.append(session.run([EMBEDDINGS], {INPUT_IDS: ids, LENGTHS: lengths})[0])
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)

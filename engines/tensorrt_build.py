@@ -182,8 +182,11 @@ def build_plan(trt: ModuleType, onnx_bytes: bytes, profiles: Sequence[Profile], 
         raise EngineError(f"TensorRT cannot parse the ONNX graph: {'; '.join(errors) or logger.errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, False)
+    # TensorRT-RTX has no timing cache (its operations are deprecated no-ops there).
+    timing_cache = timing_cache if flavour_of(trt)["flavour"] == "tensorrt" else None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, False)
     ordered = sorted(profiles)
     for index, profile in enumerate(ordered):
         shapes = builder.create_optimization_profile()

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import typer
 
 from embedq.cli.options import ModelOpt, SeqLensOpt, TokenBudgetOpt
 from embedq.errors import UsageError
+
+if TYPE_CHECKING:
+    from embedq.model import ModelInfo
 
 engine_app = typer.Typer(help="Export the ONNX graph and build TensorRT engines ahead of time.",
                          no_args_is_help=True, rich_markup_mode="markdown")
@@ -108,29 +111,16 @@ def build(
     typer.echo(json.dumps({k: manifest[k] for k in ("model_digest", "onnx_digest", "tokenizer_digest")}))
 
 
-def _check_onnx(info: object, path: Path) -> tuple[float, float]:
+def _check_onnx(info: ModelInfo, path: Path) -> tuple[float, float]:
     """min cosine and max L2 distance per document between ONNX Runtime on `path` and torch fp32."""
-    import onnxruntime as ort
-
     from embedq.api import encode
-    from embedq.engines.onnx_export import EMBEDDINGS, INPUT_IDS, LENGTHS
-    from embedq.model import ModelInfo
+    from embedq.engines.onnx_export import run_onnxruntime
     from embedq.tokenization import Tokenizer
 
-    assert isinstance(info, ModelInfo)
     texts = [json.loads(line)["text"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:CHECK_DOCS]]
     reference = encode(texts, info.path, backend="torch", device="cpu", precision="fp32")
     docs = Tokenizer(info.tokenizer_file, info.max_seq_len).encode(texts)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rows = []
-    for start in range(0, len(texts), 32):
-        lengths = docs.lengths[start:start + 32].astype(np.int32)
-        ids = np.full((len(lengths), int(lengths.max())), info.pad_token_id, np.int32)
-        for row, (offset, length) in enumerate(zip(docs.offsets[start:start + 32], lengths, strict=True)):
-            ids[row, :length] = docs.tokens[offset:offset + length]
-        rows.append(session.run([EMBEDDINGS], {INPUT_IDS: ids, LENGTHS: lengths})[0])
-    got = np.concatenate(rows)
-    return compare(reference, got)
+    return compare(reference, run_onnxruntime(path, docs, info.pad_token_id))
 
 
 def compare(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:

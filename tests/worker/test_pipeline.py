@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 
 import numpy as np
 import pytest
@@ -217,5 +218,5 @@ def test_an_engine_fed_without_a_pause_still_reports_its_busy_time(model_info) -
                                     depth=2, stats=stats):
         busy.append((stats.seconds, stats.busy_seconds()))
     assert busy[0][0] == 0.0 and busy[0][1] > 0.0  # busy from the start, never idle until the end
-    assert all(later >= earlier for (_, earlier), (_, later) in zip(busy, busy[1:], strict=False))
+    assert all(later >= earlier for (_, earlier), (_, later) in itertools.pairwise(busy))
     assert stats.busy_since is None and stats.seconds == pytest.approx(stats.busy_seconds())
