@@ -64,6 +64,9 @@ class Settings:
     # without them at 38k (the engine thread's per-kernel Python dispatch starves under the other
     # threads; `embedq bench`, 2026-11-28). Only used on CUDA.
     cuda_graphs: bool = True
+    # A cached TensorRT plan built from anything else (model, ONNX, tokenizer, profiles, precision,
+    # TensorRT, GPU) is built again; off, the worker refuses it and says what differs.
+    rebuild_engines: bool = True
     window_docs: int = 16384  # at most this many documents sorted and bucketed together, and written as one part
     # ... and about this many seconds of engine work: a window closes at whichever comes first, so a
     # CPU worker (hundreds of documents a second) commits every few seconds and keeps its lease,

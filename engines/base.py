@@ -53,6 +53,8 @@ class EngineConfig:
     # Capture the model once per profile ahead of time where the backend and device can (CUDA
     # graphs for torch on CUDA); backends without such a mode ignore it.
     cuda_graphs: bool = False
+    # Backends with a cache of built engines (TensorRT): rebuild one built from anything else, or refuse it.
+    rebuild: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

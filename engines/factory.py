@@ -44,6 +44,7 @@ class EngineSpec:
     threads: int | None = None
     cuda_graphs: bool = True
     cache_dir: str | None = None
+    rebuild: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSpec:
@@ -51,7 +52,8 @@ class EngineSpec:
         return cls(backend=settings.backend, device=settings.device, precision=settings.precision,
                    token_budget=settings.token_budget,
                    seq_lens=parse_seq_lens(settings.seq_lens) if settings.seq_lens else None,
-                   threads=settings.threads, cuda_graphs=settings.cuda_graphs)
+                   threads=settings.threads, cuda_graphs=settings.cuda_graphs,
+                   rebuild=settings.rebuild_engines)
 
 
 def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
@@ -64,7 +66,7 @@ def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
     backend = resolve_backend(spec.backend, device)
     config = EngineConfig(model=model, profiles=profile_table(model.max_seq_len, budget, seq_lens), device=device,
                           precision=precision, threads=spec.threads, cache_dir=spec.cache_dir,
-                          cuda_graphs=spec.cuda_graphs and on_gpu)
+                          cuda_graphs=spec.cuda_graphs and on_gpu, rebuild=spec.rebuild)
     return backend, config
 
 
@@ -72,7 +74,7 @@ def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
     """A not yet started engine for `model` as `spec` asks (use it with `with`). Where "auto" picked
     TensorRT, an engine that falls back to torch (with CUDA graphs) if TensorRT cannot run here."""
     backend, config = plan_engine(model, spec)
-    why = "as asked" if spec.backend == backend else f"{spec.backend}: the fastest available on {config.device}"
+    why = _why(spec.backend, backend, config.device)
     log.info("engine: %s (%s), %s on %s, %d profiles up to %d tokens%s", backend, why, config.precision,
              config.device, len(config.profiles), max(p.max_seq_len for p in config.profiles),
              ", CUDA graphs" if config.cuda_graphs else "")
@@ -80,6 +82,17 @@ def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
     if spec.backend == "auto" and backend == "tensorrt":
         return FallbackEngine(engine, lambda: create_engine("torch", config))
     return engine
+
+
+def _why(asked: str, backend: str, device: str) -> str:
+    """Why this backend: what a user reads in the worker's first lines."""
+    if asked != "auto":
+        return "as asked"
+    if backend == "tensorrt":
+        return "auto: TensorRT is installed"
+    if device.startswith("cuda"):
+        return "auto: TensorRT is not installed (pip install 'embedq[tensorrt]'), so torch with CUDA graphs"
+    return f"auto: {backend} is the fastest on CPU"
 
 
 class FallbackEngine:

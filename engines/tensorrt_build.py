@@ -159,7 +159,7 @@ def cached_plan(model: ModelInfo, onnx_file: Path, profiles: Sequence[Profile], 
             if on_mismatch == "refuse":
                 raise EngineError(f"the TensorRT plan in {folder} was built from something else ("
                                   + "; ".join(changed) + "); build it again with `embedq engine build`, or let "
-                                  "the worker rebuild it (--engine-rebuild).")
+                                  "the worker rebuild it (--rebuild-engines).")
             log.warning("rebuilding the TensorRT plan in %s: %s", folder, "; ".join(changed))
         started = time.monotonic()
         plan = build_plan(trt, onnx_file.read_bytes(), profiles, precision, timing_cache=folder / TIMING_CACHE_FILE)

@@ -149,11 +149,11 @@ class TensorRTEngine(EngineBase):
 
     name = "tensorrt"
 
-    def __init__(self, config: EngineConfig, *, on_mismatch: str = "rebuild") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         if not config.device.startswith("cuda"):
             raise EngineError(f"TensorRT runs on CUDA GPUs, not {config.device!r}; use --device cuda.")
         super().__init__(config)
-        self.on_mismatch = on_mismatch
+        self.on_mismatch = "rebuild" if config.rebuild else "refuse"
         self.manifest: dict[str, Any] = {}
         self._runner: TensorRTRunner | None = None
         self._pipeline: CudaPipeline | None = None

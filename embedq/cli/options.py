@@ -150,6 +150,10 @@ TokProcOpt = Annotated[int | None, setting(
 GraphsOpt = Annotated[bool, flag(
     "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA).", panel=_WORKER,
     setting_name="cuda_graphs")]
+RebuildOpt = Annotated[bool, flag(
+    "--rebuild-engines/--no-rebuild-engines", help="Rebuild a cached TensorRT engine built from anything else "
+    "(model, tokenizer, profiles, precision, TensorRT, GPU); with --no-rebuild-engines such a worker stops and "
+    "says what differs.", panel=_WORKER, setting_name="rebuild_engines")]
 WindowOpt = Annotated[int, setting(
     "window_docs", "--window-docs", help="At most this many documents sorted by length together and written as "
     "one part.", panel=_WORKER, metavar="N")]
