@@ -40,6 +40,7 @@ class EngineStats:
     padded_tokens: int = 0
     seconds: float = 0.0  # wall time with at least one window in the engine, up to the last idle moment
     busy_since: float | None = None  # when the current busy stretch began (perf_counter), if one runs
+    first_result_at: float | None = None  # when the first batch's embeddings came back (time.time())
 
     def busy_seconds(self) -> float:
         """Wall time with work in the engine so far, the stretch still running included: an engine
@@ -152,6 +153,8 @@ class _Stream:
         if job.error is None:
             job.by_length[place] = result
         if self.stats is not None:
+            if self.stats.first_result_at is None:
+                self.stats.first_result_at = time.time()
             self.stats.done_documents += place.stop - place.start
             self.stats.done_tokens += tokens
 

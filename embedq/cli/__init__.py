@@ -30,6 +30,7 @@ import typer
 
 from embedq import __version__
 from embedq.cli import admin, bench, engine, jobs, logs, profile, run
+from embedq.cli.settings import STARTUP
 from embedq.errors import EmbedqError, RedisUnavailable
 
 __all__ = ["app", "main"]
@@ -108,6 +109,7 @@ def main() -> None:
     import redis
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    STARTUP.mark("python and imports")
     try:
         code = app(standalone_mode=False)
     except EmbedqError as exc:

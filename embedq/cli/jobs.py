@@ -60,7 +60,7 @@ from embedq.cli.options import (
     WindowOpt,
     WindowSecondsOpt,
 )
-from embedq.cli.settings import connect, job_keys, load_model, settings_from, source_spec
+from embedq.cli.settings import STARTUP, connect, job_keys, load_model, settings_from, source_spec
 from embedq.config import Settings
 from embedq.errors import JobMismatch, UsageError
 
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from embedq.producer.sources import Source
     from embedq.tokenization import Encode
     from embedq.worker.output import OutputDir
-    from embedq.worker.worker import Worker
+    from embedq.worker.worker import Worker, WorkerReport
 
 log = logging.getLogger("embedq")
 _Status = TypeVar("_Status")
@@ -206,7 +206,11 @@ def worker_for(client: redis.Redis, keys: JobKeys, record: JobRecord, info: Mode
     """A worker with its engine and tokenizer, both started (and stopped after the block)."""
     from embedq.worker.worker import Worker, WorkerOptions
 
-    with _engine(settings, info) as engine, _tokenizer(settings, info, engine.config.device) as encode:
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(_engine(settings, info))
+        STARTUP.mark("engine (weights, graphs)")
+        encode = stack.enter_context(_tokenizer(settings, info, engine.config.device))
+        STARTUP.mark("tokenizer")
         yield Worker(client, keys, record, info, engine, output, WorkerOptions.from_settings(settings),
                      encode=encode)
 
@@ -242,13 +246,23 @@ def work(
     keys = job_keys(job, settings)
     output = open_output(out)
     record = _wait_for_job(client, keys, wait)
+    STARTUP.mark("Redis and job")
     info = _worker_model(settings, record)
+    STARTUP.mark("model files")
     check_model(record, info)  # before the engine: building one can take minutes
     with worker_for(client, keys, record, info, output, settings) as worker:
         report = worker.run()
+    log_startup(report)
     from embedq.progress import duration, plural
 
     state = "job complete" if report.job_complete else ("stopped by signal" if report.stopped_by_signal
                                                         else "stopped")
     typer.echo(f"worker {report.worker}: {report.documents:,} documents in {plural(report.parts, 'part')}, "
                f"{report.dead_documents:,} dead-lettered, {duration(report.seconds)} ({state})")
+
+
+def log_startup(report: WorkerReport) -> None:
+    """The start-up line, once the first vector is known."""
+    if report.engine.first_result_at is not None:
+        STARTUP.mark("first vector", at=report.engine.first_result_at)
+    log.info("%s", STARTUP.line())

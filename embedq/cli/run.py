@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from embedq.cli.jobs import producer_for, worker_for
+from embedq.cli.jobs import log_startup, producer_for, worker_for
 from embedq.cli.options import (
     DEFAULTS,
     AllowDeadOpt,
@@ -54,7 +54,7 @@ from embedq.cli.options import (
     WindowOpt,
     WindowSecondsOpt,
 )
-from embedq.cli.settings import connect, job_keys, load_model, redis_named, settings_from, source_spec
+from embedq.cli.settings import STARTUP, connect, job_keys, load_model, redis_named, settings_from, source_spec
 from embedq.config import Settings
 from embedq.connection import DEFAULT_URL, redact
 from embedq.errors import JobMismatch, VerificationFailed
@@ -115,6 +115,7 @@ def run(
     settings = settings_from(ctx)
     output = open_output(out)
     info = load_model(settings)
+    STARTUP.mark("model files")
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(open_source(source_spec(ctx.params)))
         url = stack.enter_context(redis_for_run(settings.redis_url, output_dir=output.path,
@@ -123,6 +124,7 @@ def run(
         hint = "" if url == DEFAULT_URL or url != settings.redis_url else f" --redis {redact(url)}"
         settings = settings_from(ctx, redis_url=url)  # the Redis that answered, or the private one
         client = connect(settings)
+        STARTUP.mark("Redis")
         scan = src.scan()
         name = job or default_job_name(source, scan.fingerprint)
         keys = job_keys(name, settings)
@@ -136,8 +138,10 @@ def run(
         producer = stack.enter_context(producer_for(client, keys, src, info, settings, until_complete=True))
         producer.scan = scan
         record = producer.prepare()
+        STARTUP.mark("source and job")
         report = _embed_here(client, keys, record, info, output, settings, producer, before.settled_documents)
         final = read_status(client, keys)
+    log_startup(report)
     if report.stopped_by_signal and not final.complete:
         # A first signal is a clean stop: what was embedded is committed, the rest handed back.
         typer.echo(f"job {name}: interrupted with {final.settled_documents:,} of {final.documents:,} documents "

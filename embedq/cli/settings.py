@@ -17,6 +17,7 @@ import typer
 
 from embedq.config import Settings, load_settings
 from embedq.connection import DEFAULT_URL
+from embedq.progress import Startup
 
 if TYPE_CHECKING:
     import redis
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from embedq.keys import JobKeys
     from embedq.model import ModelInfo
     from embedq.producer.sources import SourceSpec
+
+STARTUP = Startup()
+"""This command's start-up steps (`embedq run` and `work` log them once the job is done)."""
 
 # Parameters whose name is not the setting they set.
 _RENAMED = {"redis": "redis_url"}

@@ -37,6 +37,8 @@ def test_run_embeds_the_bundled_sample_end_to_end_and_verify_agrees(tmp_path: Pa
     assert result.stdout.count("documents embedded") == 1
     assert not re.search(r"worker \S+: [\d,]+ documents, ", result.stderr)  # the display says it already
     assert "Loading weights" not in result.stderr
+    assert re.search(r"start-up: python and imports [\d.]+ s, model files .* first vector [\d.]+ s \(first vector",
+                     result.stderr), result.stderr[-2000:]
     status = embedq("status", "--job", job_name, "--json", "--redis", redis_url)
     counts = json.loads(status.stdout)
     assert counts["complete"] and counts["committed_documents"] == 1000 and counts["dead_documents"] == 0

@@ -260,3 +260,15 @@ def test_dead_letters_make_run_exit_8_unless_allowed(tmp_path: Path, tiny_model:
     assert verified.returncode == 0, verified.stdout + verified.stderr
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["verified"] and manifest["dead_letters"] == 1  # verify keeps what finalization wrote
+
+
+def test_the_start_up_line_says_where_each_second_went() -> None:
+    from embedq.progress import Startup
+
+    startup = Startup()
+    startup.origin = 100.0
+    for step, at in (("imports", 102.0), ("engine", 105.5), ("tokenizer", 106.0), ("first vector", 107.0)):
+        startup.mark(step, at=at)
+    assert startup.steps() == {"imports": 2.0, "engine": 3.5, "tokenizer": 0.5, "first vector": 1.0}
+    assert startup.line() == ("start-up: imports 2.0 s, engine 3.5 s, tokenizer 0.5 s, first vector 1.0 s "
+                              "(first vector 7.0 s after the process started)")
