@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
@@ -128,8 +129,8 @@ def run(
         scan = src.scan()
         name = job or default_job_name(source, scan.fingerprint)
         keys = job_keys(name, settings)
-        _check_output(client, keys, output)  # before anything is published
         before = read_status(client, keys)
+        _check_output(client, keys, output, before.output)  # before anything is published
         if before.complete:
             _say_done(before, output, hint, allow_dead_letters, again=True)
             return
@@ -155,11 +156,16 @@ def run(
               embedded=report.documents)
 
 
-def _check_output(client: redis.Redis, keys: JobKeys, output: OutputDir) -> None:
-    """Refuse an output directory that belongs to another job, or that holds parts of this job
-    while Redis has no record of it (its state was lost: embedding again would set them aside)."""
+def _check_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recorded: str) -> None:
+    """Refuse an output directory that belongs to another job, another directory than the one this
+    job already writes to (`recorded`), or one that holds parts of this job while Redis has no
+    record of it (its state was lost: embedding again would set them aside)."""
     from embedq import job as job_record
 
+    if recorded and Path(recorded).resolve() != output.path.resolve():
+        raise JobMismatch(
+            f"job {keys.job!r} writes to {recorded}, not {output.path}: run with --out {recorded} to resume or "
+            f"check it, or give this run another --job name (or remove the job: embedq delete --job {keys.job}).")
     output.claim(keys.job)
     parts = output.part_names()
     if parts and job_record.load(client, keys) is None:

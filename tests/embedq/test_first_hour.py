@@ -272,3 +272,13 @@ def test_the_start_up_line_says_where_each_second_went() -> None:
     assert startup.steps() == {"imports": 2.0, "engine": 3.5, "tokenizer": 0.5, "first vector": 1.0}
     assert startup.line() == ("start-up: imports 2.0 s, engine 3.5 s, tokenizer 0.5 s, first vector 1.0 s "
                               "(first vector 7.0 s after the process started)")
+
+
+def test_a_job_already_written_elsewhere_is_not_reported_done_in_another_directory(
+        tmp_path: Path, tiny_model: Path, redis_url: str, job_name: str) -> None:
+    source = write_jsonl(tmp_path / "d.jsonl", [1, 2], ["x", "y"])
+    args = ["run", str(source), "--job", job_name, "--redis", redis_url, "--model", str(tiny_model)]
+    assert cli(*args, "--out", str(tmp_path / "first")).returncode == 0
+    again = cli(*args, "--out", str(tmp_path / "second"))
+    assert again.returncode == 7 and f"writes to {tmp_path / 'first'}, not {tmp_path / 'second'}" in again.stderr
+    assert not (tmp_path / "second" / "_embedq.json").exists()
