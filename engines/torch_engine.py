@@ -2,7 +2,7 @@
 
 On CPU `submit` computes at once and returns `Done`. On CUDA batches go through the shared
 double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream. With
-`cuda_graphs=True` every profile is captured once at its max_batch, and a batch of fewer rows runs
+`cuda_graphs=True` every profile is captured once at its max_batch, the first time a batch needs it, and a batch of fewer rows runs
 the same graph with its spare rows left as padding.
 torch and transformers are imported when an engine starts, so this module imports without them.
 """
@@ -10,6 +10,8 @@ torch and transformers are imported when an engine starts, so this module import
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from .pooling import pooling_head
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("embedq.engines")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -133,17 +136,24 @@ class TorchEngine(EngineBase):
         self._pipeline: CudaPipeline | None = None
 
     def __enter__(self) -> TorchEngine:
+        started = time.perf_counter()
         import torch
 
-        device = _torch_device(self.config.device, self.config.precision)
+        device = _torch_device(self.config.device, self.config.precision)  # initialises CUDA
         if device.type == "cpu" and self.config.threads:
             # Process-wide: torch has one intra-op pool. The worker runs one engine per process.
             torch.set_num_threads(self.config.threads)
+        imported = time.perf_counter()
         self._encoder = load_encoder(self.config.model, device=str(device), precision=self.config.precision)
+        loaded = time.perf_counter()
         if device.type == "cuda":
             runner = _TorchRunner(self._encoder, device, self.config.model.pad_token_id, self.cuda_graphs)
             self._pipeline = CudaPipeline(runner, device, self._profiles, self.dim, self.config.model.pad_token_id,
                                           self.slots_per_profile)
+        log.info("torch engine started: torch import and device %.1f s, weights %.1f s, pipeline %.1f s%s",
+                 imported - started, loaded - imported, time.perf_counter() - loaded,
+                 " (CUDA graphs captured as profiles are first used)" if self._pipeline is not None
+                 and self.cuda_graphs else "")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -221,10 +231,9 @@ class _TorchRunner:
         self._graphs: dict[Profile, _CapturedGraph] = {}
 
     def prepare(self, profiles: Sequence[Profile], stream: torch.cuda.Stream) -> None:
-        if self._cuda_graphs:
-            with self._torch.inference_mode():
-                for profile in profiles:
-                    self._graphs[profile] = self._capture(profile, stream)
+        """Nothing ahead: a profile's graph is captured the first time a batch needs it, so the first
+        vector does not wait for every profile's capture, and a small job captures only the
+        profiles its documents use."""
 
     def _capture(self, profile: Profile, stream: torch.cuda.Stream) -> _CapturedGraph:
         """Capture the encoder once at (max_batch, max_seq_len); replays read the static inputs."""
@@ -232,7 +241,6 @@ class _TorchRunner:
         rows, width = profile.max_batch, profile.max_seq_len
         static_ids = torch.full((rows, width), self._pad_id, dtype=torch.int32, device=self._device)
         static_lengths = torch.full((rows,), width, dtype=torch.int32, device=self._device)
-        stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
             # Warm-up on the capture stream lets lazy initialisation (cuBLAS handles, autotuning)
             # happen outside the capture, as CUDA graphs require.
@@ -241,14 +249,20 @@ class _TorchRunner:
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         # Each graph gets its own memory pool: profiles replay in any order, and graphs sharing a
-        # pool are only safe when replayed in their capture order.
-        with torch.cuda.graph(graph, stream=stream):
+        # pool are only safe when replayed in their capture order. Captured mid-run on the engine
+        # thread: "thread_local" keeps CUDA calls of other threads (a sampler reading memory
+        # figures) from invalidating the capture.
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             static_out = self._encoder(static_ids, static_lengths)
         return _CapturedGraph(graph, static_ids, static_lengths, static_out)
 
     def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, out: torch.Tensor,
             stream: torch.cuda.Stream) -> torch.Tensor:
         captured = self._graphs.get(profile)
+        if captured is None and self._cuda_graphs:
+            started = time.perf_counter()
+            captured = self._graphs[profile] = self._capture(profile, stream)
+            log.debug("captured the CUDA graph of %s in %.2f s", profile, time.perf_counter() - started)
         if captured is None:
             result: torch.Tensor = self._encoder(ids[:rows], lengths[:rows])
             return result
