@@ -2,8 +2,8 @@
 
 On CPU `submit` computes at once and returns `Done`. On CUDA batches go through the shared
 double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream. With
-`cuda_graphs=True` every profile is captured once at its max_batch, the first time a batch needs it, and a batch of fewer rows runs
-the same graph with its spare rows left as padding.
+`cuda_graphs=True` every profile is captured once at its max_batch, the first time a batch needs
+it, and a batch of fewer rows runs the same graph with its spare rows left as padding.
 torch and transformers are imported when an engine starts, so this module imports without them.
 """
 
