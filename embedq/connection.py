@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from embedq.durable import locked
 from embedq.errors import RedisUnavailable, UsageError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -270,7 +271,11 @@ def redis_for_run(url: str | None, *, output_dir: str | os.PathLike[str] | None 
             yield server.url
         return
     state = Path(output_dir) / PRIVATE_STATE
-    with _locked(state):
+    def busy() -> None:
+        raise UsageError(f"Another embedq command is using the Redis data in {state}; wait for it to finish "
+                         "(or stop it) and run this again.")
+
+    with locked(state / "lock", when_busy=busy):  # one server on one directory's data at a time
         _stop_orphan(state)
         with _private(state) as server:
             if kept is not None:
@@ -309,21 +314,6 @@ def _stop_orphan(state: Path) -> None:
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     pid_file.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _locked(state: Path) -> Iterator[None]:
-    """Hold the lock of a private Redis's data directory: one server per directory at a time."""
-    import fcntl
-
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"Another embedq command is using the Redis data in {state}; wait for it to "
-                             "finish (or stop it) and run this again.") from None
-        yield
 
 
 T = TypeVar("T")

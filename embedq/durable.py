@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,3 +58,20 @@ def write_atomically(final: Path, data: bytes) -> None:
     """Write `data` to `final` durably and atomically."""
     with atomic_path(final) as staged:
         staged.write_bytes(data)
+
+
+@contextmanager
+def locked(path: Path, *, when_busy: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the block. If another
+    process holds it, `when_busy()` is called first: it raises to give up, or returns to wait.
+    The lock goes with the process, so a killed holder never leaves it taken."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            when_busy()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -17,21 +17,20 @@ others wait for it, then load its plan.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from embedq import __version__
-from embedq.durable import write_atomically
+from embedq.durable import locked, write_atomically
 from embedq.errors import EngineError
 from embedq.model import ModelInfo
 
@@ -148,7 +147,10 @@ def cached_plan(model: ModelInfo, onnx_file: Path, profiles: Sequence[Profile], 
     trt = trt or import_tensorrt()
     expected = expected_manifest(model, onnx_file, profiles, precision, trt, device)
     folder = folder or plan_folder(model, expected, cache_dir)
-    with _locked(folder):  # the others wait here while one builds, then find its plan
+    def busy() -> None:
+        log.info("another process is building the TensorRT plan in %s; waiting for it", folder)
+
+    with locked(folder / ".lock", when_busy=busy):  # the others wait here while one builds, then find its plan
         found = _read_manifest(folder)
         plan_file = folder / PLAN_FILE
         if found is not None and plan_file.is_file():
@@ -213,17 +215,3 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return loaded if isinstance(loaded, dict) else None
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the TensorRT plan in %s; waiting for it", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield

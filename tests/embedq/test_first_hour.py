@@ -282,3 +282,16 @@ def test_a_job_already_written_elsewhere_is_not_reported_done_in_another_directo
     again = cli(*args, "--out", str(tmp_path / "second"))
     assert again.returncode == 7 and f"writes to {tmp_path / 'first'}, not {tmp_path / 'second'}" in again.stderr
     assert not (tmp_path / "second" / "_embedq.json").exists()
+
+
+def test_one_private_redis_at_a_time_on_an_output_directorys_data(tmp_path: Path) -> None:
+    from embedq.connection import redis_for_run
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    with redis_for_run(nowhere, output_dir=tmp_path) as url:
+        assert redis_lib.Redis.from_url(url).ping()
+        with pytest.raises(UsageError, match="Another embedq command is using the Redis data"), \
+                redis_for_run(nowhere, output_dir=tmp_path):
+            pass
+    with redis_for_run(nowhere, output_dir=tmp_path) as url:  # free again once the first is done
+        assert redis_lib.Redis.from_url(url).ping()
