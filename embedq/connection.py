@@ -245,18 +245,18 @@ def kept_state(output_dir: str | os.PathLike[str]) -> Path | None:
 
 
 @contextlib.contextmanager
-def redis_for_run(url: str | None, *, output_dir: str | os.PathLike[str] | None = None, explicit: bool = False,
+def redis_for_run(url: str | None, *, output_dir: str | os.PathLike[str], explicit: bool = False,
                   log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
     """The Redis for `embedq run` and for the commands that look at its job afterwards.
 
     A Redis that the user named (`explicit`) is used as it is. Otherwise the private Redis whose
     data an earlier run kept in `output_dir` is started again, so the job resumes where it was;
     else the Redis at `url` (or the default) if anything listens there; else a private
-    redis-server that keeps its data (AOF, fsync every second) in `output_dir`, or nothing without
-    one. A private server lives as long as the block and holds a lock on its data directory.
+    redis-server that keeps its data (AOF, fsync every second) in `output_dir`. A private server
+    lives as long as the block and holds a lock on its data directory.
     """
     target = url or DEFAULT_URL
-    kept = kept_state(output_dir) if output_dir is not None else None
+    kept = kept_state(output_dir)
     # Fall back only when nothing listens there. A server that listens but does not answer a plain
     # PING (it wants a password, TLS with a CA, or another user) is the user's Redis: the caller's
     # real connect must then fail with the reason (exit 5), not divert the job to a throwaway,
@@ -264,13 +264,8 @@ def redis_for_run(url: str | None, *, output_dir: str | os.PathLike[str] | None 
     if (explicit or kept is None) and (answers(target) or _listening(target)):
         yield target
         return
-    if output_dir is None:
-        with RedisServer() as server:
-            log(f"Redis at {redact(target)} does not answer; started a private redis-server at "
-                f"{server.url} (it keeps nothing after this command).")
-            yield server.url
-        return
     state = Path(output_dir) / PRIVATE_STATE
+
     def busy() -> None:
         raise UsageError(f"Another embedq command is using the Redis data in {state}; wait for it to finish "
                          "(or stop it) and run this again.")

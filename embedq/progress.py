@@ -140,12 +140,9 @@ class Startup:
     step ends, written as one line ("start-up: imports 2.1 s, model 0.3 s, ...")."""
 
     def __init__(self) -> None:
-        try:
-            import psutil
+        import psutil
 
-            self.origin = psutil.Process().create_time()
-        except Exception:  # no psutil, or no process table: count from here
-            self.origin = time.time()
+        self.origin = psutil.Process().create_time()
         self.marks: list[tuple[str, float]] = []
 
     def mark(self, step: str, at: float | None = None) -> None:

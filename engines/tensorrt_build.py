@@ -141,9 +141,10 @@ def plan_folder(model: ModelInfo, manifest: dict[str, Any], cache_dir: str | os.
 
 def cached_plan(model: ModelInfo, onnx_file: Path, profiles: Sequence[Profile], precision: str, *,
                 device: str, cache_dir: str | os.PathLike[str] | None = None, folder: Path | None = None,
-                on_mismatch: str = "rebuild", trt: ModuleType | None = None) -> BuiltPlan:
+                on_mismatch: str = "rebuild", force: bool = False, trt: ModuleType | None = None) -> BuiltPlan:
     """The plan for this request from the cache (or `folder`), built first if it is missing or was
-    built from anything else; `on_mismatch="refuse"` raises instead of rebuilding a mismatched one."""
+    built from anything else (or `force`); `on_mismatch="refuse"` raises instead of rebuilding a
+    mismatched one."""
     trt = trt or import_tensorrt()
     expected = expected_manifest(model, onnx_file, profiles, precision, trt, device)
     folder = folder or plan_folder(model, expected, cache_dir)
@@ -153,7 +154,7 @@ def cached_plan(model: ModelInfo, onnx_file: Path, profiles: Sequence[Profile], 
     with locked(folder / ".lock", when_busy=busy):  # the others wait here while one builds, then find its plan
         found = _read_manifest(folder)
         plan_file = folder / PLAN_FILE
-        if found is not None and plan_file.is_file():
+        if found is not None and plan_file.is_file() and not force:
             changed = differences(found, expected)
             if not changed:
                 log.info("TensorRT plan from the cache: %s", folder)

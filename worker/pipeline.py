@@ -101,10 +101,9 @@ class _Stream:
     engine: Engine
     pad_id: int
     profiles: Sequence[Profile]
-    stats: EngineStats | None
+    stats: EngineStats
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)  # started, not yet handed back
     in_flight: collections.deque[tuple[_Job, slice, Pending, int]] = field(default_factory=collections.deque)
-    busy_since: float | None = None
 
     def start(self, work: Work) -> None:
         rows = (np.arange(len(work.docs), dtype=np.int64) if work.indices is None
@@ -113,12 +112,10 @@ class _Stream:
         buckets = plan_buckets(lengths, self.profiles) if rows.size else []
         self.jobs.append(_Job(work.tag, work.docs, rows, buckets,
                               np.empty((rows.shape[0], self.engine.dim), dtype=np.float32)))
-        if self.busy_since is None:
-            self.busy_since = time.perf_counter()
-        if self.stats is not None:
-            self.stats.busy_since = self.busy_since
-            self.stats.documents += rows.shape[0]
-            self.stats.real_tokens += int(lengths.sum())
+        if self.stats.busy_since is None:
+            self.stats.busy_since = time.perf_counter()
+        self.stats.documents += rows.shape[0]
+        self.stats.real_tokens += int(lengths.sum())
 
     def next_to_submit(self) -> _Job | None:
         # Jobs are submitted in order, so only the newest can have batches left.
@@ -138,9 +135,8 @@ class _Stream:
         job.in_flight += 1
         self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending, int(lengths.sum())))
         job.filled += len(bucket)
-        if self.stats is not None:
-            self.stats.batches += 1
-            self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
+        self.stats.batches += 1
+        self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
 
     def collect(self) -> None:
         job, place, pending, tokens = self.in_flight.popleft()
@@ -152,11 +148,10 @@ class _Stream:
             return
         if job.error is None:
             job.by_length[place] = result
-        if self.stats is not None:
-            if self.stats.first_result_at is None:
-                self.stats.first_result_at = time.time()
-            self.stats.done_documents += place.stop - place.start
-            self.stats.done_tokens += tokens
+        if self.stats.first_result_at is None:
+            self.stats.first_result_at = time.time()
+        self.stats.done_documents += place.stop - place.start
+        self.stats.done_tokens += tokens
 
     def finished(self) -> Iterator[_Job]:
         """Hand back finished jobs in order. Before a failed one, collect everything in flight, so
@@ -166,11 +161,9 @@ class _Stream:
                 while self.in_flight:
                     self.collect()
             job = self.jobs.popleft()
-            if not self.jobs and self.busy_since is not None and self.stats is not None:
-                self.stats.seconds += time.perf_counter() - self.busy_since
+            if not self.jobs and self.stats.busy_since is not None:
+                self.stats.seconds += time.perf_counter() - self.stats.busy_since
                 self.stats.busy_since = None
-            if not self.jobs:
-                self.busy_since = None
             yield job
 
 
@@ -186,7 +179,7 @@ def embed_stream(engine: Engine, take: Callable[[bool], Work[T] | object | None]
     a batch of that work failed (nothing is then in flight). Returns early, between two batches,
     once `stop()` is true: what was not yielded is left to the caller to hand back.
     """
-    stream = _Stream(engine, pad_id, profiles or engine.profiles, stats)
+    stream = _Stream(engine, pad_id, profiles or engine.profiles, stats if stats is not None else EngineStats())
     ended = False
     while not stop():
         while not ended and stream.next_to_submit() is None:  # (work with no documents has no batches)

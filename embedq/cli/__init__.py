@@ -73,6 +73,9 @@ app = typer.Typer(
 dead_app = typer.Typer(help="Inspect and replay dead-lettered documents.", no_args_is_help=True,
                        rich_markup_mode="markdown", cls=_Group)
 app.add_typer(dead_app, name="dead-letter")
+engine_app = typer.Typer(help="Export the ONNX graph and build TensorRT engines ahead of time.", no_args_is_help=True,
+                         rich_markup_mode="markdown", cls=_Group)
+app.add_typer(engine_app, name="engine")
 
 # In the order `embedq --help` lists them.
 for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, admin.status, admin.verify,
@@ -80,10 +83,8 @@ for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, 
     app.command(cls=_Command)(command)
 dead_app.command("list", cls=_Command)(admin.dead_list)
 dead_app.command("replay", cls=_Command)(admin.dead_replay)
-engine.engine_app.info.cls = _Group
-app.add_typer(engine.engine_app, name="engine")
-engine.engine_app.command("export", cls=_Command)(engine.export)
-engine.engine_app.command("build", cls=_Command)(engine.build)
+engine_app.command("export", cls=_Command)(engine.export)
+engine_app.command("build", cls=_Command)(engine.build)
 
 
 def _version(value: bool) -> None:

@@ -23,8 +23,6 @@ from embedq.errors import UsageError
 if TYPE_CHECKING:
     from embedq.model import ModelInfo
 
-engine_app = typer.Typer(help="Export the ONNX graph and build TensorRT engines ahead of time.",
-                         no_args_is_help=True, rich_markup_mode="markdown")
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.jsonl"
 CHECK_DOCS = 256
 
@@ -82,7 +80,7 @@ def build(
     from embedq.engines.factory import GPU_TOKEN_BUDGET
     from embedq.engines.onnx_export import export_onnx
     from embedq.engines.profiles import DEFAULT_SEQ_LENS, profile_table
-    from embedq.engines.tensorrt_build import MANIFEST_FILE, cached_plan
+    from embedq.engines.tensorrt_build import cached_plan
     from embedq.model import load_model_info
 
     onnx_file: Path | None = None
@@ -95,14 +93,8 @@ def build(
     profiles = profile_table(info.max_seq_len, token_budget or GPU_TOKEN_BUDGET, lens)
     if onnx_file is None:
         onnx_file = export_onnx(info, precision=precision, device=device)
-    folder = Path(out) if out is not None else None
-    if rebuild and folder is not None:
-        (folder / MANIFEST_FILE).unlink(missing_ok=True)
-    built = cached_plan(info, onnx_file, profiles, precision, device=device, folder=folder,
-                        on_mismatch="rebuild")
-    if rebuild and not built.built_now:
-        (built.folder / MANIFEST_FILE).unlink()
-        built = cached_plan(info, onnx_file, profiles, precision, device=device, folder=built.folder)
+    built = cached_plan(info, onnx_file, profiles, precision, device=device,
+                        folder=Path(out) if out is not None else None, force=rebuild)
     manifest = built.manifest
     typer.echo(f"{built.folder}: {'built' if built.built_now else 'already cached'}, "
                f"{manifest['engine_bytes'] / 1e6:.1f} MB, {len(profiles)} profiles, {precision}, "

@@ -152,8 +152,7 @@ def run(
         typer.echo(f"job {name}: stopped before it was complete ({final.settled_documents:,} of "
                    f"{final.documents:,} documents done); run the same command again to resume", err=True)
         raise typer.Exit(1)
-    _say_done(final, output, hint, allow_dead_letters, seconds=report.seconds, parts=report.parts,
-              embedded=report.documents)
+    _say_done(final, output, hint, allow_dead_letters, seconds=report.seconds, embedded=report.documents)
 
 
 def _check_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recorded: str) -> None:
@@ -212,7 +211,7 @@ def _embed_here(client: redis.Redis, keys: JobKeys, record: JobRecord, info: Mod
 
 
 def _say_done(status: JobStatus, output: OutputDir, redis_hint: str, allow_dead_letters: bool, *, again: bool = False,
-              seconds: float = 0.0, parts: int = 0, embedded: int = 0) -> None:
+              seconds: float = 0.0, embedded: int = 0) -> None:
     """The summary of a complete job, and exit 8 if documents were dead-lettered (unless allowed)."""
     from embedq.progress import duration, plural
 

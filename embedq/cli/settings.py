@@ -40,28 +40,27 @@ def setting_flags(params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in renamed if name in _SETTING_NAMES}
 
 
-def given(ctx: typer.Context) -> dict[str, Any]:
-    """The command's parameters that the user gave, as a flag or through their `EMBEDQ_*` variable:
-    not those left at their defaults, so that `embedq.toml` applies under them."""
-    return {name: value for name, value in ctx.params.items() if _source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT")}
+def given(ctx: typer.Context, sources: tuple[str, ...] = ("COMMANDLINE", "ENVIRONMENT")) -> dict[str, Any]:
+    """The command's parameters that the user gave, as a flag or through their `EMBEDQ_*` variable
+    (click's parameter `sources`): not those left at their defaults, so that `embedq.toml` applies
+    under them."""
+    def source(name: str) -> str | None:
+        found = ctx.get_parameter_source(name)
+        return None if found is None else found.name
+
+    return {name: value for name, value in ctx.params.items() if source(name) in sources}
 
 
 def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
     """The settings for this command: its flags (those given), over `EMBEDQ_*` and `embedq.toml`;
     `overrides` (setting names) over all of them."""
-    from_variables = {name: f"EMBEDQ_{name.upper()}" for name in setting_flags(ctx.params)
-                      if _source(ctx, "redis" if name == "redis_url" else name) == "ENVIRONMENT"}
+    from_variables = {name: f"EMBEDQ_{name.upper()}" for name in setting_flags(given(ctx, ("ENVIRONMENT",)))}
     return load_settings({**setting_flags(given(ctx)), **overrides}, origins=from_variables)
 
 
 def redis_named(ctx: typer.Context, settings: Settings) -> bool:
     """Whether the user named a Redis (flag, variable or file), rather than leaving the default."""
-    return _source(ctx, "redis") in ("COMMANDLINE", "ENVIRONMENT") or settings.redis_url != DEFAULT_URL
-
-
-def _source(ctx: typer.Context, param: str) -> str | None:
-    source = ctx.get_parameter_source(param)
-    return None if source is None else source.name
+    return "redis" in given(ctx) or settings.redis_url != DEFAULT_URL
 
 
 def connect(settings: Settings) -> redis.Redis:
