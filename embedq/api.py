@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import numpy as np
 import pyarrow as pa
 
-from embedq.config import Backend, OutputDtype, Pooling, Precision, Settings, load_settings
+from embedq.config import Backend, OutputDtype, Pooling, Precision, Settings, Unpad, load_settings
 from embedq.documents import EMPTY_TEXT, unicode_problem
 from embedq.errors import EngineError, SourceError, UsageError
 from embedq.model import ModelInfo, load_model_info
@@ -71,7 +71,8 @@ class Embedder:
     def __init__(self, model: PathLike | None = None, *, device: str = "auto", backend: Backend = "auto",
                  precision: Precision = "auto", pooling: Pooling | None = None, normalize: bool | None = None,
                  max_seq_len: int | None = None, token_budget: int | None = None,
-                 seq_lens: Sequence[int] | None = None, cuda_graphs: bool = True, threads: int | None = None,
+                 seq_lens: Sequence[int] | None = None, cuda_graphs: bool = True, unpad: Unpad = "auto",
+                 threads: int | None = None,
                  tokenizer_processes: int | None = None) -> None:
         from embedq.engines.factory import EngineSpec, engine_for
         from embedq.tokenization import TokenizerPool, default_tokenizer_processes
@@ -81,7 +82,7 @@ class Embedder:
             model=None if model is None else os.fspath(model), pooling=pooling, normalize=normalize,
             max_seq_len=max_seq_len, backend=backend, device=device, precision=precision, threads=threads,
             token_budget=token_budget, seq_lens=",".join(map(str, seq_lens)) if seq_lens else None,
-            cuda_graphs=cuda_graphs, tokenizer_processes=tokenizer_processes).validate()
+            cuda_graphs=cuda_graphs, unpad=unpad, tokenizer_processes=tokenizer_processes).validate()
         self.model: ModelInfo = load_model_info(settings.model, pooling=settings.pooling,
                                                 normalize=settings.normalize, max_seq_len=settings.max_seq_len)
         self._stack = contextlib.ExitStack()

@@ -145,8 +145,10 @@ class TokenizerPool:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len))
-            # Start every process now, so the first window does not pay for their start-up.
-            list(self._pool.map(_encode_in_process, [["warm up"]] * processes))
+            # Start every process now, so the first window does not pay for their start-up; not
+            # waited for, so that they start while the engine does.
+            for _ in range(processes):
+                self._pool.submit(_encode_in_process, ["warm up"])
 
     def encode(self, texts: list[str]) -> TokenizedDocs:
         """Token ids of `texts`, in order."""

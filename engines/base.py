@@ -53,6 +53,10 @@ class EngineConfig:
     # Capture the model once per profile ahead of time where the backend and device can (CUDA
     # graphs for torch on CUDA); backends without such a mode ignore it.
     cuda_graphs: bool = False
+    # Run each batch without its padding where the backend can (the torch engine's own BERT on
+    # CUDA: packed tokens, variable-length attention). Such batches change shape, so they run eager,
+    # and `cuda_graphs` applies to the models that run padded.
+    unpadded: bool = False
     # Backends with a cache of built engines (TensorRT): rebuild one built from anything else, or refuse it.
     rebuild: bool = True
 

@@ -31,12 +31,12 @@ class BatchRunner(Protocol):
         """Once, before the first batch (capture graphs, select optimization profiles)."""
         ...
 
-    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, out: torch.Tensor,
-            stream: torch.cuda.Stream) -> torch.Tensor:
+    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, tokens: int,
+            out: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
         """Queue one batch on `stream` (also the current stream): `ids` `(max_batch, S)` and `lengths`
-        `(max_batch,)` on the device, their first `rows` real. Returns the device tensor whose first
-        `rows` rows will hold the `(rows, dim)` float32 embeddings: `out` (the slot's own buffer,
-        `(max_batch, dim)`) or one of the runner's."""
+        `(max_batch,)` on the device, their first `rows` real, with `tokens` real tokens in all. Returns
+        the device tensor whose first `rows` rows will hold the `(rows, dim)` float32 embeddings:
+        `out` (the slot's own buffer, `(max_batch, dim)`) or one of the runner's."""
         ...
 
 
@@ -132,7 +132,7 @@ class CudaPipeline:
             # The batch that used this slot last must leave its pinned output before we reuse it;
             # this is also what bounds the batches in flight per profile.
             slot.pending.result()
-        rows = ids.shape[0]
+        rows, tokens = ids.shape[0], int(lengths.sum())
         # The slot's H2D copy finished before its last result was ready, so the pinned inputs are free.
         slot.host_ids.numpy()[:rows] = ids
         slot.host_lengths.numpy()[:rows] = lengths
@@ -144,8 +144,8 @@ class CudaPipeline:
                     slot.copied.record(self._copy_stream)
                 self.compute_stream.wait_event(slot.copied)
                 with torch.cuda.stream(self.compute_stream):
-                    out = self._runner.run(profile, slot.device_ids, slot.device_lengths, rows, slot.device_out,
-                                           self.compute_stream)
+                    out = self._runner.run(profile, slot.device_ids, slot.device_lengths, rows, tokens,
+                                           slot.device_out, self.compute_stream)
                     slot.host_out[:rows].copy_(out[:rows], non_blocking=True)
                     slot.done.record(self.compute_stream)
         except torch.cuda.OutOfMemoryError as exc:

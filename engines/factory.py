@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 # kept the H200 busiest in eager mode (engine measurements, 2026-11-28).
 CPU_TOKEN_BUDGET = 4096
 GPU_TOKEN_BUDGET = 65536
+# --unpad auto: models this wide and wider run unpadded (see Settings.unpad for the measurements).
+UNPAD_FROM_DIM = 768
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class EngineSpec:
     seq_lens: tuple[int, ...] | None = None
     threads: int | None = None
     cuda_graphs: bool = True
+    unpad: str = "auto"
     cache_dir: str | None = None
     rebuild: bool = True
 
@@ -52,7 +55,7 @@ class EngineSpec:
         return cls(backend=settings.backend, device=settings.device, precision=settings.precision,
                    token_budget=settings.token_budget,
                    seq_lens=parse_seq_lens(settings.seq_lens) if settings.seq_lens else None,
-                   threads=settings.threads, cuda_graphs=settings.cuda_graphs,
+                   threads=settings.threads, cuda_graphs=settings.cuda_graphs, unpad=settings.unpad,
                    rebuild=settings.rebuild_engines)
 
 
@@ -64,9 +67,10 @@ def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
     budget = spec.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
     seq_lens: Sequence[int] = spec.seq_lens or DEFAULT_SEQ_LENS
     backend = resolve_backend(spec.backend, device)
+    unpadded = on_gpu and (spec.unpad == "on" or (spec.unpad == "auto" and model.dim >= UNPAD_FROM_DIM))
     config = EngineConfig(model=model, profiles=profile_table(model.max_seq_len, budget, seq_lens), device=device,
                           precision=precision, threads=spec.threads, cache_dir=spec.cache_dir,
-                          cuda_graphs=spec.cuda_graphs and on_gpu, rebuild=spec.rebuild)
+                          cuda_graphs=spec.cuda_graphs and on_gpu, unpadded=unpadded, rebuild=spec.rebuild)
     return backend, config
 
 
@@ -75,9 +79,8 @@ def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:
     TensorRT, an engine that falls back to torch (with CUDA graphs) if TensorRT cannot run here."""
     backend, config = plan_engine(model, spec)
     why = _why(spec.backend, backend, config.device)
-    log.info("engine: %s (%s), %s on %s, %d profiles up to %d tokens%s", backend, why, config.precision,
-             config.device, len(config.profiles), max(p.max_seq_len for p in config.profiles),
-             ", CUDA graphs" if config.cuda_graphs else "")
+    log.info("engine: %s (%s), %s on %s, %d profiles up to %d tokens", backend, why, config.precision,
+             config.device, len(config.profiles), max(p.max_seq_len for p in config.profiles))
     engine = create_engine(backend, config)
     if spec.backend == "auto" and backend == "tensorrt":
         return FallbackEngine(engine, lambda: create_engine("torch", config))
@@ -91,7 +94,7 @@ def _why(asked: str, backend: str, device: str) -> str:
     if backend == "tensorrt":
         return "auto: TensorRT is installed"
     if device.startswith("cuda"):
-        return "auto: TensorRT is not installed (pip install 'embedq[tensorrt]'), so torch with CUDA graphs"
+        return "auto: TensorRT is not installed (pip install 'embedq[tensorrt]'), so torch"
     return f"auto: {backend} is the fastest on CPU"
 
 

@@ -138,8 +138,8 @@ class _PipelineRunner:
     def prepare(self, profiles: Sequence[Profile], stream: torch.cuda.Stream) -> None:
         self.runner.prepare(stream.cuda_stream)
 
-    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, out: torch.Tensor,
-            stream: torch.cuda.Stream) -> torch.Tensor:
+    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, tokens: int,
+            out: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
         self.runner.execute(profile, ids.data_ptr(), lengths.data_ptr(), out.data_ptr(), rows, stream.cuda_stream)
         return out
 

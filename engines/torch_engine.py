@@ -1,9 +1,11 @@
-"""The torch backend: the Hugging Face transformer plus pooling, eager on CPU, pipelined on CUDA.
+"""The torch backend: the model plus pooling, eager on CPU, pipelined on CUDA.
 
-On CPU `submit` computes at once and returns `Done`. On CUDA batches go through the shared
-double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream. With
-`cuda_graphs=True` every profile is captured once at its max_batch, the first time a batch needs
-it, and a batch of fewer rows runs the same graph with its spare rows left as padding.
+A BERT runs as embedq's own module (`engines.bert`), anything else through transformers. On CPU
+`submit` computes at once and returns `Done`. On CUDA batches go through the shared
+double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream: with
+`unpadded`, embedq's BERT runs each batch on its real tokens only (eager); a model
+that runs padded is, with `cuda_graphs`, captured once per profile at its max_batch the first time
+a batch needs it, and a batch of fewer rows runs the same graph with its spare rows as padding.
 torch and transformers are imported when an engine starts, so this module imports without them.
 """
 
@@ -33,18 +35,28 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def load_encoder(
-    model: ModelInfo, *, device: str = "cpu", precision: str = "fp32", attention: str = "sdpa"
+    model: ModelInfo, *, device: str = "cpu", precision: str = "fp32", attention: str = "sdpa",
+    native: bool = False,
 ) -> torch.nn.Module:
     """The model's transformer with pooling and normalization on top, in eval mode on `device`.
 
     Its forward takes `input_ids` int32 `(B, S)` and `lengths` int32 `(B,)` and returns `(B, dim)`
-    float32; the attention mask is derived from `lengths` on the device. `attention` is "sdpa",
-    falling back to "eager" for architectures without SDPA, or "eager".
+    float32; the attention mask is derived from `lengths` on the device. With `native`, a BERT
+    runs as embedq's own module (`engines.bert`: no transformers import, unpadded batches), any
+    other architecture through transformers. `attention` is "sdpa", falling back to "eager" for
+    architectures without SDPA, or "eager".
     """
     import torch
-    from transformers import AutoModel
 
     dtype = getattr(torch, TORCH_DTYPES[precision])
+    if native:
+        from .bert import load_native_bert, native_unsupported
+
+        why_not = native_unsupported(model)
+        if why_not is None:
+            return load_native_bert(model, device=device, dtype=dtype)
+        log.info("%s runs through transformers: %s", model.name, why_not)
+    from transformers import AutoModel
 
     def from_pretrained(implementation: str) -> Any:
         return AutoModel.from_pretrained(
@@ -144,16 +156,21 @@ class TorchEngine(EngineBase):
             # Process-wide: torch has one intra-op pool. The worker runs one engine per process.
             torch.set_num_threads(self.config.threads)
         imported = time.perf_counter()
-        self._encoder = load_encoder(self.config.model, device=str(device), precision=self.config.precision)
+        self._encoder = load_encoder(self.config.model, device=str(device), precision=self.config.precision,
+                                     native=True)
         loaded = time.perf_counter()
+        mode = "on CPU"
         if device.type == "cuda":
-            runner = _TorchRunner(self._encoder, device, self.config.model.pad_token_id, self.cuda_graphs)
+            unpadded = self.config.unpadded and getattr(self._encoder, "runs_unpadded", False)
+            graphs = self.cuda_graphs and not unpadded
+            mode = ("unpadded" if unpadded else "padded, in CUDA graphs captured as profiles are first used"
+                    if graphs else "padded")
+            runner = _TorchRunner(self._encoder, device, self.config.model.pad_token_id, graphs, unpadded)
             self._pipeline = CudaPipeline(runner, device, self._profiles, self.dim, self.config.model.pad_token_id,
                                           self.slots_per_profile)
-        log.info("torch engine started: torch import and device %.1f s, weights %.1f s, pipeline %.1f s%s",
-                 imported - started, loaded - imported, time.perf_counter() - loaded,
-                 " (CUDA graphs captured as profiles are first used)" if self._pipeline is not None
-                 and self.cuda_graphs else "")
+        log.info("torch engine started (%s, %s): torch import and device %.1f s, weights %.1f s, pipeline %.1f s",
+                 type(self._encoder).__name__, mode, imported - started, loaded - imported,
+                 time.perf_counter() - loaded)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,7 +237,8 @@ class _CapturedGraph:
 class _TorchRunner:
     """The model on the pipeline's compute stream: eager, or one captured CUDA graph per profile."""
 
-    def __init__(self, encoder: torch.nn.Module, device: torch.device, pad_id: int, cuda_graphs: bool) -> None:
+    def __init__(self, encoder: torch.nn.Module, device: torch.device, pad_id: int, cuda_graphs: bool,
+                 unpadded: bool = False) -> None:
         import torch
 
         self._torch = torch
@@ -228,6 +246,7 @@ class _TorchRunner:
         self._device = device
         self._pad_id = pad_id
         self._cuda_graphs = cuda_graphs
+        self._unpadded = unpadded
         self._graphs: dict[Profile, _CapturedGraph] = {}
 
     def prepare(self, profiles: Sequence[Profile], stream: torch.cuda.Stream) -> None:
@@ -256,8 +275,11 @@ class _TorchRunner:
             static_out = self._encoder(static_ids, static_lengths)
         return _CapturedGraph(graph, static_ids, static_lengths, static_out)
 
-    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, out: torch.Tensor,
-            stream: torch.cuda.Stream) -> torch.Tensor:
+    def run(self, profile: Profile, ids: torch.Tensor, lengths: torch.Tensor, rows: int, tokens: int,
+            out: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
+        if self._unpadded:
+            unpadded: torch.Tensor = self._encoder(ids[:rows], lengths[:rows], tokens=tokens)
+            return unpadded
         captured = self._graphs.get(profile)
         if captured is None and self._cuda_graphs:
             started = time.perf_counter()

@@ -37,7 +37,7 @@ def bench_redis(url: str | None) -> Iterator[str]:
 def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list[str], *, repeat: int,
               limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
               tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
-              check_precision: bool, cuda_graphs: bool, model_path: str | None,
+              check_precision: bool, cuda_graphs: bool, model_path: str | None, unpad: str = "auto",
               out_dir: Path | None = None) -> list[Result]:
     """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
     base = load_model_info(model_path)
@@ -52,7 +52,7 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
                 for mode in tokenize:
                     scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
                                         repeat=repeat, limit=limit, device=device, precision=precision,
-                                        cuda_graphs=cuda_graphs)
+                                        cuda_graphs=cuda_graphs, unpad=unpad)
                     log.info("bench: %s", scenario.label)
                     result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
                                           tokenizer_processes=tokenizer_processes,

@@ -25,17 +25,21 @@ class Scenario:
     device: str = "cuda"
     precision: str = "fp16"
     cuda_graphs: bool = True
+    unpad: str = "auto"
 
     @property
     def label(self) -> str:
         where = "pretokenized" if self.pretokenize else "worker-tokenized"
-        graphs = " / CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
-        return f"{self.model} / {self.corpus} x{self.repeat} / {where}{graphs}"
+        kernels = ""
+        if self.device.startswith("cuda"):
+            kernels = f" / unpad {self.unpad}" + (", CUDA graphs" if self.cuda_graphs else "")
+        return f"{self.model} / {self.corpus} x{self.repeat} / {where}{kernels}"
 
     def engine_spec(self, token_budget: int, seq_lens: Sequence[int]) -> EngineSpec:
         """The engine this scenario times, with profiles of `seq_lens` sized to `token_budget`."""
         return EngineSpec(backend=BENCH_BACKEND, device=self.device, precision=self.precision,
-                          token_budget=token_budget, seq_lens=tuple(seq_lens), cuda_graphs=self.cuda_graphs)
+                          token_budget=token_budget, seq_lens=tuple(seq_lens), cuda_graphs=self.cuda_graphs,
+                          unpad=self.unpad)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import typer
 
 from embedq.cli.options import flag
+from embedq.config import Unpad
 from embedq.errors import UsageError
 
 _CORPORA = ["passages", "glosses"]
@@ -50,7 +51,9 @@ def bench(
     tokenizer_processes: Annotated[int | None, typer.Option(
         "--tokenizer-processes", help="Tokenizer pool size.", metavar="N", show_default="all cores but two")] = None,
     cuda_graphs: Annotated[bool, flag("--cuda-graphs/--no-cuda-graphs",
-                                      help="Capture a CUDA graph per profile.")] = True,
+                                      help="Capture a CUDA graph per profile (models that run padded).")] = True,
+    unpad: Annotated[Unpad, typer.Option("--unpad", help="Run BERT-family models unpadded (auto: hidden size "
+                                         "768 and up).")] = "auto",
     baselines: Annotated[bool, flag("--baselines/--no-baselines",
                                     help="Also time sentence-transformers and the tokenizer alone.")] = True,
     check_precision: Annotated[bool, flag(
@@ -91,6 +94,7 @@ def bench(
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,
               check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
+              unpad=unpad,
               out_dir=Path(out_dir) if out_dir else None)
 
 

@@ -6,10 +6,12 @@ flag is named in its signature only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +58,7 @@ from embedq.cli.options import (
     TlsKeyOpt,
     TokenBudgetOpt,
     TokProcOpt,
+    UnpadOpt,
     UntilCompleteOpt,
     WindowOpt,
     WindowSecondsOpt,
@@ -200,17 +203,43 @@ def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Enc
         yield pool.encode
 
 
+class EngineStarting:
+    """The engine, starting in a thread of its own (torch import, CUDA, weights) while the start-up
+    steps that need no engine run: Redis, the source scan, the tokenizer pool. `started()` waits for
+    it; `close()` stops it (after waiting for its start, which cannot be cut short)."""
+
+    def __init__(self, settings: Settings, info: ModelInfo) -> None:
+        self.engine = _engine(settings, info)
+        self._done: concurrent.futures.Future[Engine] = concurrent.futures.Future()
+        threading.Thread(target=self._start, name="embedq-engine-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            self._done.set_result(self.engine.__enter__())
+            STARTUP.mark("engine")
+        except BaseException as exc:
+            self._done.set_exception(exc)
+
+    def started(self) -> Engine:
+        return self._done.result()
+
+    def close(self) -> None:
+        if self._done.exception() is None:
+            self.engine.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def worker_for(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
-            settings: Settings) -> Iterator[Worker]:
-    """A worker with its engine and tokenizer, both started (and stopped after the block)."""
+               settings: Settings, starting: EngineStarting | None = None) -> Iterator[Worker]:
+    """A worker with its engine and tokenizer, both started (and stopped after the block); the engine
+    is `starting`'s, or one started here. The tokenizer pool starts while the engine does."""
     from embedq.worker.worker import Worker, WorkerOptions
 
     with contextlib.ExitStack() as stack:
-        engine = stack.enter_context(_engine(settings, info))
-        STARTUP.mark("engine (weights, graphs)")
-        encode = stack.enter_context(_tokenizer(settings, info, engine.config.device))
-        STARTUP.mark("tokenizer")
+        if starting is None:
+            starting = stack.enter_context(contextlib.closing(EngineStarting(settings, info)))
+        encode = stack.enter_context(_tokenizer(settings, info, starting.engine.config.device))
+        engine = starting.started()
         yield Worker(client, keys, record, info, engine, output, WorkerOptions.from_settings(settings),
                      encode=encode)
 
@@ -222,6 +251,7 @@ def work(
     precision: PrecisionOpt = DEFAULTS.precision,
     threads: ThreadsOpt = None, token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None,
     tokenizer_processes: TokProcOpt = None, cuda_graphs: GraphsOpt = DEFAULTS.cuda_graphs,
+    unpad: UnpadOpt = DEFAULTS.unpad,
     rebuild_engines: RebuildOpt = DEFAULTS.rebuild_engines,
     window_docs: WindowOpt = DEFAULTS.window_docs,
     window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,

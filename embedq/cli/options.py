@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from embedq.config import Backend, OutputDtype, Pooling, Precision, Settings
+from embedq.config import Backend, OutputDtype, Pooling, Precision, Settings, Unpad
 
 DEFAULTS = Settings()
 """The defaults, for the commands' signatures (`batch_size: BatchSizeOpt = DEFAULTS.batch_size`)."""
@@ -150,6 +150,9 @@ TokProcOpt = Annotated[int | None, setting(
 GraphsOpt = Annotated[bool, flag(
     "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA).", panel=_WORKER,
     setting_name="cuda_graphs")]
+UnpadOpt = Annotated[Unpad, setting(
+    "unpad", "--unpad", help="Run BERT-family models on their real tokens only, without padding (on CUDA); "
+    "auto: for models of hidden size 768 and up.", panel=_WORKER)]
 RebuildOpt = Annotated[bool, flag(
     "--rebuild-engines/--no-rebuild-engines", help="Rebuild a cached TensorRT engine built from anything else "
     "(model, tokenizer, profiles, precision, TensorRT, GPU); with --no-rebuild-engines such a worker stops and "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from embedq.cli.jobs import log_startup, producer_for, worker_for
+from embedq.cli.jobs import EngineStarting, log_startup, producer_for, worker_for
 from embedq.cli.options import (
     DEFAULTS,
     AllowDeadOpt,
@@ -52,6 +52,7 @@ from embedq.cli.options import (
     TlsKeyOpt,
     TokenBudgetOpt,
     TokProcOpt,
+    UnpadOpt,
     WindowOpt,
     WindowSecondsOpt,
 )
@@ -91,7 +92,8 @@ def run(
     backend: BackendOpt = DEFAULTS.backend, device: DeviceOpt = DEFAULTS.device,
     precision: PrecisionOpt = DEFAULTS.precision, threads: ThreadsOpt = None,
     token_budget: TokenBudgetOpt = None, seq_lens: SeqLensOpt = None, tokenizer_processes: TokProcOpt = None,
-    cuda_graphs: GraphsOpt = DEFAULTS.cuda_graphs,
+    cuda_graphs: GraphsOpt = DEFAULTS.cuda_graphs, unpad: UnpadOpt = DEFAULTS.unpad,
+
     rebuild_engines: RebuildOpt = DEFAULTS.rebuild_engines, window_docs: WindowOpt = DEFAULTS.window_docs,
     window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,
     output_dtype: DtypeOpt = DEFAULTS.output_dtype,
@@ -118,6 +120,8 @@ def run(
     info = load_model(settings)
     STARTUP.mark("model files")
     with contextlib.ExitStack() as stack:
+        # The engine starts now, in a thread: Redis, the source scan and the job's creation need none.
+        starting = stack.enter_context(contextlib.closing(EngineStarting(settings, info)))
         src = stack.enter_context(open_source(source_spec(ctx.params)))
         url = stack.enter_context(redis_for_run(settings.redis_url, output_dir=output.path,
                                                 explicit=redis_named(ctx, settings), log=log.info))
@@ -140,7 +144,8 @@ def run(
         producer.scan = scan
         record = producer.prepare()
         STARTUP.mark("source and job")
-        report = _embed_here(client, keys, record, info, output, settings, producer, before.settled_documents)
+        report = _embed_here(client, keys, record, info, output, settings, producer, before.settled_documents,
+                             starting)
         final = read_status(client, keys)
     log_startup(report)
     if report.stopped_by_signal and not final.complete:
@@ -175,7 +180,7 @@ def _check_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recorde
 
 
 def _embed_here(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
-                settings: Settings, producer: Producer, done_before: int) -> WorkerReport:
+                settings: Settings, producer: Producer, done_before: int, starting: EngineStarting) -> WorkerReport:
     """Publish in a thread and embed in this one, with a progress display; the worker's report."""
     from embedq.progress import ProgressReport
     from embedq.status import read_status
@@ -190,7 +195,7 @@ def _embed_here(client: redis.Redis, keys: JobKeys, record: JobRecord, info: Mod
     try:
         with _quiet("embedq.worker.progress"), ProgressReport(f"embed {keys.job}", record.documents) as bar:
             bar.update(done_before, phase="starting the engine")
-            with worker_for(client, keys, record, info, output, settings) as worker:
+            with worker_for(client, keys, record, info, output, settings, starting) as worker:
                 workers.append(worker)
                 if failure:
                     worker.stop()

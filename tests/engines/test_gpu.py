@@ -1,4 +1,5 @@
-"""The torch engine on CUDA: fp16/bf16/fp32 against CPU fp32, and each pending batch keeps its own result."""
+"""The torch engine on CUDA: fp16/bf16/fp32 against CPU fp32, and each pending batch keeps its own result,
+in each way it runs batches: padded eager, padded in CUDA graphs, and unpadded (embedq's own BERT)."""
 
 from __future__ import annotations
 
@@ -34,23 +35,23 @@ def cpu_fp32(model_info: ModelInfo, sample: Sample, profiles: tuple[Profile, ...
         return embed_documents(engine, sample.docs, model_info.pad_token_id)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["eager", "cuda-graphs"])
-def cuda_graphs(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
+@pytest.fixture(scope="module", params=["eager", "cuda-graphs", "unpadded"])
+def kernels(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
-def _cuda_engine(model_info: ModelInfo, profiles: tuple[Profile, ...], precision: str,
-                 cuda_graphs: bool) -> Engine:
-    config = EngineConfig(model_info, profiles, device="cuda", precision=precision, cuda_graphs=cuda_graphs)
+def _cuda_engine(model_info: ModelInfo, profiles: tuple[Profile, ...], precision: str, kernels: str) -> Engine:
+    config = EngineConfig(model_info, profiles, device="cuda", precision=precision,
+                          cuda_graphs=kernels == "cuda-graphs", unpadded=kernels == "unpadded")
     return create_engine("torch", config)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_embeddings_match_cpu_fp32_for_every_document(
-    precision: str, cuda_graphs: bool, model_info: ModelInfo, sample: Sample,
+    precision: str, kernels: str, model_info: ModelInfo, sample: Sample,
     profiles: tuple[Profile, ...], cpu_fp32: np.ndarray,
 ) -> None:
-    with _cuda_engine(model_info, profiles, precision, cuda_graphs) as engine:
+    with _cuda_engine(model_info, profiles, precision, kernels) as engine:
         embeddings = embed_documents(engine, sample.docs, model_info.pad_token_id)
 
     assert embeddings.dtype == np.float32
@@ -63,8 +64,8 @@ def test_cuda_embeddings_match_cpu_fp32_for_every_document(
 
 
 @pytest.fixture(scope="module")
-def fp16_engine(model_info: ModelInfo, profiles: tuple[Profile, ...], cuda_graphs: bool) -> Iterator[Engine]:
-    with _cuda_engine(model_info, profiles, "fp16", cuda_graphs) as engine:
+def fp16_engine(model_info: ModelInfo, profiles: tuple[Profile, ...], kernels: str) -> Iterator[Engine]:
+    with _cuda_engine(model_info, profiles, "fp16", kernels) as engine:
         yield engine
 
 
