@@ -90,7 +90,7 @@ class Embedder:
             self.engine: Engine = self._stack.enter_context(engine_for(self.model, EngineSpec.from_settings(settings)))
             processes = tokenizer_processes
             if processes is None:
-                processes = default_tokenizer_processes(self.engine.config.device)
+                processes = default_tokenizer_processes(self.engine.config.device, self.model.tokenizer_file)
             self._tokenizer: TokenizerPool = self._stack.enter_context(
                 TokenizerPool(self.model.tokenizer_file, self.model.max_seq_len, processes))
         except BaseException:

@@ -60,7 +60,7 @@ class Settings:
     threads: int | None = None
     token_budget: int | None = None  # padded tokens per engine batch; None: by device
     seq_lens: str | None = None  # comma-separated profile lengths (from `embedq profile`); None: default table
-    tokenizer_processes: int | None = None  # None: all cores but two on a GPU node, none on a CPU node
+    tokenizer_processes: int | None = None  # None: on a GPU node 2 (nanotoken) or all cores but two; none on CPU
     # One CUDA graph per profile: with them the H200 ran the gloss corpus end to end at 148k docs/s,
     # without them at 38k (the engine thread's per-kernel Python dispatch starves under the other
     # threads; `embedq bench`, 2026-11-28). Only used on CUDA.

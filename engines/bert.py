@@ -175,20 +175,27 @@ def _native_class() -> type[torch.nn.Module]:
             keep = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
             # Where each real token sits in the flattened batch: static size, so no host round trip.
             where = torch.nonzero_static(keep.flatten(), size=tokens).squeeze(1)
-            row, positions = where // width, where % width
+            row, positions = where // width, where % width  # row: for attention without flash
             starts = torch.zeros(rows + 1, dtype=torch.int32, device=ids.device)
             starts[1:] = torch.cumsum(lengths, 0)
             attend = _packed_attention(starts, width, row, positions, rows)
             states = self.embeddings(ids.flatten()[where], positions)
             for layer in self.layers:
                 states = layer(states, attend)
-            return self._pool_packed(states.float(), row, starts, lengths, rows)
+            return self._pool_packed(states.float(), where, starts, lengths, width)
 
-        def _pool_packed(self, states: torch.Tensor, row: torch.Tensor, starts: torch.Tensor,
-                         lengths: torch.Tensor, rows: int) -> torch.Tensor:
-            """`pool_hidden_states` for packed states (fp32): row i is the segment starts[i]:starts[i+1]."""
+        def _pool_packed(self, states: torch.Tensor, where: torch.Tensor, starts: torch.Tensor,
+                         lengths: torch.Tensor, width: int) -> torch.Tensor:
+            """`pool_hidden_states` for packed states (fp32): row i is the segment starts[i]:starts[i+1],
+            `where` their places in the padded batch."""
+            rows = lengths.shape[0]
             if self.pooling is Pooling.MEAN:
-                summed = states.new_zeros(rows, states.shape[1]).index_add_(0, row, states)
+                # Summed in the padded layout (a scatter to distinct places, then a sum over the row),
+                # not with index_add_: its atomic adds on CUDA would make the same batch come out
+                # different in the last bits from one run to the next.
+                padded = states.new_zeros(rows * width, states.shape[1])
+                padded[where] = states
+                summed = padded.view(rows, width, -1).sum(1)
                 pooled = summed / lengths.to(states.dtype).unsqueeze(1).clamp(min=MEAN_COUNT_EPS)
             elif self.pooling is Pooling.CLS:
                 pooled = states[starts[:-1].long()]

@@ -5,7 +5,8 @@ A BERT runs as embedq's own module (`engines.bert`), anything else through trans
 double-buffered pipeline (`cuda_pipeline`), the model running on its compute stream: with
 `unpadded`, embedq's BERT runs each batch on its real tokens only (eager); a model
 that runs padded is, with `cuda_graphs`, captured once per profile at its max_batch the first time
-a batch needs it, and a batch of fewer rows runs the same graph with its spare rows as padding.
+a batch needs it, and a batch of fewer rows runs the same graph with its spare rows as padding
+(running the last, partly filled batches of a window eager instead was measured much slower).
 torch and transformers are imported when an engine starts, so this module imports without them.
 """
 
@@ -280,14 +281,14 @@ class _TorchRunner:
         if self._unpadded:
             unpadded: torch.Tensor = self._encoder(ids[:rows], lengths[:rows], tokens=tokens)
             return unpadded
+        if not self._cuda_graphs:
+            result: torch.Tensor = self._encoder(ids[:rows], lengths[:rows])
+            return result
         captured = self._graphs.get(profile)
-        if captured is None and self._cuda_graphs:
+        if captured is None:
             started = time.perf_counter()
             captured = self._graphs[profile] = self._capture(profile, stream)
             log.debug("captured the CUDA graph of %s in %.2f s", profile, time.perf_counter() - started)
-        if captured is None:
-            result: torch.Tensor = self._encoder(ids[:rows], lengths[:rows])
-            return result
         captured.ids[:rows].copy_(ids[:rows])
         captured.lengths[:rows].copy_(lengths[:rows])
         # Spare rows keep earlier (valid) ids; length 1 keeps their attention and pooling finite.

@@ -147,7 +147,7 @@ def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_doc
     try:
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len,
-                                                     default_tokenizer_processes("cuda")))
+                                                     default_tokenizer_processes("cuda", model.tokenizer_file)))
             src = stack.enter_context(open_source(SourceSpec(str(source))))
             producer = Producer(client, keys, src, model, ProducerOptions(backlog=10**9),
                                 tokenizer=pool if pretokenize else None)

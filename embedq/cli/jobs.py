@@ -198,7 +198,7 @@ def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Enc
 
     processes = settings.tokenizer_processes
     if processes is None:
-        processes = default_tokenizer_processes(device)
+        processes = default_tokenizer_processes(device, info.tokenizer_file)
     with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes) as pool:
         yield pool.encode
 

@@ -146,7 +146,8 @@ SeqLensOpt = Annotated[str | None, setting(
     "them).", panel=_WORKER, metavar="N,N,...", default="steps of about 1.4x up to the model's maximum")]
 TokProcOpt = Annotated[int | None, setting(
     "tokenizer_processes", "--tokenizer-processes", help="Processes that tokenize for the worker (0: in the "
-    "worker).", panel=_WORKER, metavar="N", default="all cores but two on a GPU node, 0 on a CPU node")]
+    "worker).", panel=_WORKER, metavar="N",
+    default="on a GPU node 2 for WordPiece models (nanotoken), else all cores but two; 0 on a CPU node")]
 GraphsOpt = Annotated[bool, flag(
     "--cuda-graphs/--no-cuda-graphs", help="Capture one CUDA graph per profile (on CUDA).", panel=_WORKER,
     setting_name="cuda_graphs")]
