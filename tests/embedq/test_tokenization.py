@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedq.bench.tokenizer_eval import edge_cases, random_unicode
+from embedq.bench.tokenizer_candidates import edge_cases, random_unicode
 from embedq.model import ModelInfo
 from embedq.tokenization import SELF_CHECK, TokenizedDocs, Tokenizer, TokenizerPool
 
