@@ -116,7 +116,7 @@ class Settings:
 
 CHOICES: dict[str, tuple[str | None, ...]] = {
     "backend": get_args(Backend), "precision": get_args(Precision), "pooling": (None, *get_args(Pooling)),
-    "output_dtype": get_args(OutputDtype),
+    "output_dtype": get_args(OutputDtype), "unpad": get_args(Unpad),
 }
 _POSITIVE = ("batch_size", "max_doc_bytes", "max_message_bytes", "backlog", "window_docs", "prefetch",
              "commit_threads", "max_failures", "max_deliveries", "window_seconds", "shutdown_timeout",

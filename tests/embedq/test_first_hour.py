@@ -79,6 +79,7 @@ def test_verbosity_is_counted() -> None:
     ({"EMBEDQ_DEVICE": "gpu"}, "EMBEDQ_DEVICE must be auto, cpu, cuda or cuda:N"),
     ({"EMBEDQ_PRECISION": "fp8"}, "EMBEDQ_PRECISION must be one of auto, fp32, fp16, bf16; got 'fp8'"),
     ({"EMBEDQ_LEASE_SECONDS": "0.5"}, "EMBEDQ_LEASE_SECONDS must be at least 1"),
+    ({"EMBEDQ_UNPAD": "yes"}, "EMBEDQ_UNPAD must be one of auto, on, off; got 'yes'"),
 ])
 def test_a_bad_variable_is_named_with_the_form_it_takes(environ: dict[str, str], message: str,
                                                           tmp_path: Path) -> None:
