@@ -89,6 +89,8 @@ class Settings:
     disk_retry_seconds: float = 300.0
     redis_retry_seconds: float = 600.0
     output_dtype: OutputDtype = "float32"
+    # Operations
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one)
 
     def redis(self) -> RedisSettings:
         return RedisSettings(url=self.redis_url, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
@@ -133,6 +135,8 @@ def check(name: str, value: Any) -> str | None:
         return f"must be auto, cpu, cuda or cuda:N (N a GPU number); got {value!r}"
     if name in _POSITIVE and value is not None and value <= 0:
         return f"must be positive; got {value}"
+    if name == "metrics_port" and value is not None and not 0 <= value <= 65535:
+        return f"must be a TCP port (0 to 65535); got {value}"
     if name == "tokenizer_processes" and value is not None and value < 0:
         return f"must be 0 (tokenize in the worker) or more; got {value}"
     if name == "lease_seconds" and value < 1:

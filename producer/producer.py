@@ -100,6 +100,7 @@ class Producer:
         self.publisher = Publisher(client, keys, options.backlog)
         self.scan: SourceScan | None = None
         self.record: JobRecord | None = None
+        self.report: ProducerReport | None = None  # the report of the run under way (metrics read it)
 
     def prepare(self) -> JobRecord:
         """Scan the source (once) and create or check the job record."""
@@ -128,7 +129,7 @@ class Producer:
         stay and publish again whatever Redis loses until the job is complete; returns the report."""
         started = time.monotonic()
         record = self.record or self.prepare()
-        report = ProducerReport(job=self.keys.job, documents=record.documents)
+        report = self.report = ProducerReport(job=self.keys.job, documents=record.documents)
         # Staying: wait for another producer of the job for as long as it runs, not a lock's lifetime.
         wait = math.inf if self.options.until_complete else None
         if not self._redis(lambda: self.publisher.acquire(wait, stopping=self.stopping), "take the producer lock"):

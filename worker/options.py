@@ -6,10 +6,12 @@ started from the command line; `WorkerOptions.from_settings` is the one mapping 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from embedq.config import Settings
+from embedq.metrics import Histogram
 from embedq.worker.pipeline import EngineStats
 
 __all__ = ["StageCounters", "WorkerOptions", "WorkerReport"]
@@ -65,3 +67,19 @@ class WorkerReport:
     stopped_by_signal: bool = False
     engine: EngineStats = field(default_factory=EngineStats)
     stages: StageCounters = field(default_factory=StageCounters)
+    delivered: int = 0  # stream entries delivered to this worker (new and reclaimed)
+    reclaimed: int = 0  # of them, taken over from a worker whose lease ran out
+    errors: dict[str, int] = field(default_factory=dict)  # by kind: redis, batch (a failed attempt)
+    # Seconds per window: reading it from Redis, tokenizing it, writing and committing its part.
+    latency: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in ("fetch", "tokenize",
+                                                                                         "commit")})
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def counting(self, kind: str, say: Callable[[str], None]) -> Callable[[str], None]:
+        """`say`, counting an error of `kind` each time it is called."""
+        def counted(message: str) -> None:
+            self.count_error(kind)
+            say(message)
+        return counted

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from embedq.engines.base import Engine, Pending, Profile
+from embedq.metrics import Histogram
 from embedq.tokenization import TokenizedDocs
 from embedq.worker.buckets import Bucket, pad_batch, plan_buckets
 
@@ -41,6 +42,8 @@ class EngineStats:
     seconds: float = 0.0  # wall time with at least one window in the engine, up to the last idle moment
     busy_since: float | None = None  # when the current busy stretch began (perf_counter), if one runs
     first_result_at: float | None = None  # when the first batch's embeddings came back (time.time())
+    batch_latency: Histogram = field(default_factory=Histogram)  # submitted to its result on the host
+    window_latency: Histogram = field(default_factory=Histogram)  # a window's first batch to its last result
 
     def busy_seconds(self) -> float:
         """Wall time with work in the engine so far, the stretch still running included: an engine
@@ -76,6 +79,7 @@ class _Job(Generic[T]):
     filled: int = 0  # rows of by_length handed to the engine so far
     in_flight: int = 0
     error: Exception | None = None
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def to_submit(self) -> bool:
@@ -103,7 +107,8 @@ class _Stream:
     profiles: Sequence[Profile]
     stats: EngineStats
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)  # started, not yet handed back
-    in_flight: collections.deque[tuple[_Job, slice, Pending, int]] = field(default_factory=collections.deque)
+    # (job, its rows, the batch, its real tokens, when it was submitted)
+    in_flight: collections.deque[tuple[_Job, slice, Pending, int, float]] = field(default_factory=collections.deque)
 
     def start(self, work: Work) -> None:
         rows = (np.arange(len(work.docs), dtype=np.int64) if work.indices is None
@@ -133,19 +138,21 @@ class _Stream:
             job.error = exc
             return
         job.in_flight += 1
-        self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending, int(lengths.sum())))
+        self.in_flight.append((job, slice(job.filled, job.filled + len(bucket)), pending, int(lengths.sum()),
+                               time.perf_counter()))
         job.filled += len(bucket)
         self.stats.batches += 1
         self.stats.padded_tokens += bucket.profile.max_seq_len * len(bucket)
 
     def collect(self) -> None:
-        job, place, pending, tokens = self.in_flight.popleft()
+        job, place, pending, tokens, submitted = self.in_flight.popleft()
         job.in_flight -= 1
         try:
             result = pending.result()
         except Exception as exc:
             job.error = job.error or exc
             return
+        self.stats.batch_latency.observe(time.perf_counter() - submitted)
         if job.error is None:
             job.by_length[place] = result
         if self.stats.first_result_at is None:
@@ -161,6 +168,7 @@ class _Stream:
                 while self.in_flight:
                     self.collect()
             job = self.jobs.popleft()
+            self.stats.window_latency.observe(time.perf_counter() - job.started)
             if not self.jobs and self.stats.busy_since is not None:
                 self.stats.seconds += time.perf_counter() - self.stats.busy_since
                 self.stats.busy_since = None

@@ -164,8 +164,9 @@ class Worker:
 
     def _progress(self) -> int:
         """Grows with every step: what the lease watches to tell a working worker from a stuck one."""
-        stages = self.report.stages
-        return stages.fetched + stages.tokenized + self.report.engine.batches + stages.committed + self.report.parts
+        report, stages = self.report, self.report.stages
+        return (stages.fetched + stages.tokenized + report.engine.batches + stages.committed + report.parts
+                + report.dead_documents)
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -181,13 +182,15 @@ class Worker:
             if time.monotonic() >= next_reclaim:
                 held = set(self.in_flight.snapshot())
                 deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read, held), "reclaim batches")
+                self.report.reclaimed += len(deliveries)
                 next_reclaim = time.monotonic() + reclaim_every
                 if deliveries:  # a batch redone may have a part from a lost settle: set it aside now
                     self._recover("set orphan parts aside")
             block = 200
             while len(deliveries) < per_read and not self._stop_reading.is_set():
-                got = self._redis(functools.partial(self.consumer.read_new, per_read - len(deliveries), block),
-                                  "read batches")
+                with self.report.latency["fetch"].time():
+                    got = self._redis(functools.partial(self.consumer.read_new, per_read - len(deliveries), block),
+                                      "read batches")
                 if not got:
                     break
                 deliveries += got
@@ -198,6 +201,7 @@ class Worker:
                     break
                 continue
             idle_since = None
+            self.report.delivered += len(deliveries)
             self.in_flight.add([d.entry_id for d in deliveries])
             # An entry that workers died on is embedded in a window of its own: if it kills this
             # worker too, no batch-mate is blamed with it (the first step of crash isolation).
@@ -237,7 +241,8 @@ class Worker:
             window = Window.assemble(deliveries, job=self.keys.job, rules=self.rules, worker=self.id, ledger=ledger)
             self.faults.split_crash_suspects(window)
             self.report.stages.fetched += sum(len(e.message) for e in window.entries)
-            window.tokenize(self._encode, self.rules, self.id)
+            with self.report.latency["tokenize"].time():
+                window.tokenize(self._encode, self.rules, self.id)
             window.sort_by_length()
         finally:
             self.working.discard(ids)
@@ -277,7 +282,6 @@ class Worker:
                 self.working.discard(window.entry_ids)
                 self.report.stages.embedded += len(window)
                 self.report.stages.tokens_embedded += window.token_count
-            self.lease.progressed()
             self._put(self._to_commit, window)
         if ended:
             for _ in range(max(1, self.options.commit_threads)):
@@ -292,8 +296,8 @@ class Worker:
             if window is _END:
                 return
             self._state = "committing"
-            self._commit(window)
-            self.lease.progressed()
+            with self.report.latency["commit"].time():
+                self._commit(window)
             self._log_progress()
 
     def _commit(self, window: Window) -> None:
@@ -327,13 +331,14 @@ class Worker:
                                              live_workers=set(live_workers(self.client, self.keys))), what)
 
     def _count_failure(self, entry: str) -> None:
+        self.report.count_error("batch")
         self._redis(lambda: self.client.hincrby(self.keys.failures, entry, 1), "count a failure")
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def _redis(self, call: Callable[[], Any], what: str) -> Any:
         return retry_redis(call, give_up_after=self.options.redis_retry_seconds, what=what,
-                           log=log.warning, stopping=self._abort.is_set)
+                           log=self.report.counting("redis", log.warning), stopping=self._abort.is_set)
 
     def _put(self, target: queue.Queue[Window | None], item: Window | None, *, until_stop: bool = False) -> None:
         """Put `item` on a stage queue, unless the worker aborts (or, `until_stop`, stops reading:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from embedq.cli.exporter import serve_metrics
 from embedq.cli.options import (
     DEFAULTS,
     AllowDupOpt,
@@ -38,6 +39,7 @@ from embedq.cli.options import (
     LeaseOpt,
     MaxDocOpt,
     MaxSeqOpt,
+    MetricsPortOpt,
     ModelOpt,
     NormalizeOpt,
     OutOpt,
@@ -115,7 +117,7 @@ def produce(
     max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
     allow_empty: AllowEmptyOpt = DEFAULTS.allow_empty, allow_duplicate_ids: AllowDupOpt = DEFAULTS.allow_duplicate_ids,
     pretokenize: PretokOpt = DEFAULTS.pretokenize,
-    until_complete: UntilCompleteOpt = False,
+    until_complete: UntilCompleteOpt = False, metrics_port: MetricsPortOpt = None,
     redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -133,7 +135,8 @@ def produce(
     keys = job_keys(job, settings)
     info = load_model(settings)
     with open_source(source_spec(ctx.params)) as src, producer_for(client, keys, src, info, settings,
-                                                                until_complete=until_complete) as producer:
+                                                                until_complete=until_complete) as producer, \
+            serve_metrics(settings.metrics_port, client, keys, producer=lambda: producer):
         record = producer.prepare()
         with ProgressReport(f"produce {job}", record.documents) as bar:
             report = producer.run(progress=lambda done, total: bar.update(done))
@@ -259,6 +262,7 @@ def work(
     max_deliveries: DeliveriesOpt = DEFAULTS.max_deliveries,
     shutdown_timeout: ShutdownOpt = DEFAULTS.shutdown_timeout, output_dtype: DtypeOpt = DEFAULTS.output_dtype,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
+    metrics_port: MetricsPortOpt = None,
     redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -275,13 +279,16 @@ def work(
     client = connect(settings)
     keys = job_keys(job, settings)
     output = open_output(out)
-    record = _wait_for_job(client, keys, wait)
-    STARTUP.mark("Redis and job")
-    info = _worker_model(settings, record)
-    STARTUP.mark("model files")
-    check_model(record, info)  # before the engine: building one can take minutes
-    with worker_for(client, keys, record, info, output, settings) as worker:
-        report = worker.run()
+    started: list[Worker] = []  # metrics are served from now on; the worker's figures once it exists
+    with serve_metrics(settings.metrics_port, client, keys, worker=lambda: started[0] if started else None):
+        record = _wait_for_job(client, keys, wait)
+        STARTUP.mark("Redis and job")
+        info = _worker_model(settings, record)
+        STARTUP.mark("model files")
+        check_model(record, info)  # before the engine: building one can take minutes
+        with worker_for(client, keys, record, info, output, settings) as worker:
+            started.append(worker)
+            report = worker.run()
     log_startup(report)
     from embedq.progress import duration, plural
 

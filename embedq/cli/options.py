@@ -25,6 +25,7 @@ _SOURCE = "Source"
 _MODEL = "Model"
 _PRODUCER = "Producer"
 _WORKER = "Worker"
+_OPERATIONS = "Operations"
 
 # Choices, as the types of their options: `--help` lists them and a wrong one is a usage error.
 Format = Literal["auto", "parquet", "jsonl", "csv", "text"]
@@ -125,6 +126,12 @@ UntilCompleteOpt = Annotated[bool, flag(
 PretokOpt = Annotated[bool, flag(
     "--pretokenize/--no-pretokenize", help="Tokenize in the producer, so token ids travel in the messages "
     "(moves tokenization to CPU nodes).", panel=_PRODUCER, setting_name="pretokenize")]
+
+# -- Operations
+
+MetricsPortOpt = Annotated[int | None, setting(
+    "metrics_port", "--metrics-port", help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free "
+    "port, logged).", panel=_OPERATIONS, metavar="PORT", default="none")]
 
 # -- Worker
 

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from embedq.cli.exporter import serve_metrics
 from embedq.cli.jobs import EngineStarting, log_startup, producer_for, worker_for
 from embedq.cli.options import (
     DEFAULTS,
@@ -33,6 +33,7 @@ from embedq.cli.options import (
     IdFieldOpt,
     MaxDocOpt,
     MaxSeqOpt,
+    MetricsPortOpt,
     ModelOpt,
     NormalizeOpt,
     OutOpt,
@@ -59,7 +60,7 @@ from embedq.cli.options import (
 from embedq.cli.settings import STARTUP, connect, job_keys, load_model, redis_named, settings_from, source_spec
 from embedq.config import Settings
 from embedq.connection import DEFAULT_URL, redact
-from embedq.errors import JobMismatch, VerificationFailed
+from embedq.errors import JobMismatch, RedisUnavailable, UsageError, VerificationFailed
 from embedq.keys import default_job_name
 
 if TYPE_CHECKING:
@@ -100,22 +101,23 @@ def run(
     pretokenize: PretokOpt = DEFAULTS.pretokenize, redis: RedisOpt = DEFAULTS.redis_url,
     key_prefix: PrefixOpt = DEFAULTS.key_prefix,
     tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
-    allow_dead_letters: AllowDeadOpt = False,
+    allow_dead_letters: AllowDeadOpt = False, metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Embed SOURCE into the --out directory, end to end on this machine (producer and worker in one process).
 
     Rows come out in length order, not in the source's order: join on the id column. Interrupted
     (Ctrl-C), it commits what it embedded; run the same command again to resume. It uses the Redis at
     --redis if one answers, otherwise a private redis-server that keeps its data in DIR/.embedq-redis,
-    so resuming and `embedq verify` work there too. Exits 8 if documents were dead-lettered, unless
-    --allow-dead-letters.
+    so resuming and `embedq verify` work there too; an object-store --out (s3://BUCKET/PREFIX) needs
+    --redis. Exits 8 if documents were dead-lettered, unless --allow-dead-letters.
     """
     from embedq.connection import redis_for_run
     from embedq.producer.sources import open_source
     from embedq.status import read_status
-    from embedq.worker.output import open_output
+    from embedq.worker.output import LocalDir, open_output
 
     settings = settings_from(ctx)
+    _check_redis_for_a_bucket(ctx, settings, out)  # before the bucket is touched or the model loads
     output = open_output(out)
     info = load_model(settings)
     STARTUP.mark("model files")
@@ -123,8 +125,9 @@ def run(
         # The engine starts now, in a thread: Redis, the source scan and the job's creation need none.
         starting = stack.enter_context(contextlib.closing(EngineStarting(settings, info)))
         src = stack.enter_context(open_source(source_spec(ctx.params)))
-        url = stack.enter_context(redis_for_run(settings.redis_url, output_dir=output.path,
-                                                explicit=redis_named(ctx, settings), log=log.info))
+        url = stack.enter_context(
+            redis_for_run(settings.redis_url, output_dir=output.path, explicit=redis_named(ctx, settings), log=log.info)
+            if isinstance(output, LocalDir) else contextlib.nullcontext(settings.redis_url))
         # What `verify` needs to find this Redis: nothing for the default or the private one.
         hint = "" if url == DEFAULT_URL or url != settings.redis_url else f" --redis {redact(url)}"
         settings = settings_from(ctx, redis_url=url)  # the Redis that answered, or the private one
@@ -142,10 +145,13 @@ def run(
         # publishing (a restart without its last second), it publishes that again while the worker waits.
         producer = stack.enter_context(producer_for(client, keys, src, info, settings, until_complete=True))
         producer.scan = scan
+        workers: list[Worker] = []  # the worker, once its engine has started
+        stack.enter_context(serve_metrics(settings.metrics_port, client, keys, producer=lambda: producer,
+                                          worker=lambda: workers[0] if workers else None))
         record = producer.prepare()
         STARTUP.mark("source and job")
         report = _embed_here(client, keys, record, info, output, settings, producer, before.settled_documents,
-                             starting)
+                             starting, workers)
         final = read_status(client, keys)
     log_startup(report)
     if report.stopped_by_signal and not final.complete:
@@ -160,27 +166,46 @@ def run(
     _say_done(final, output, hint, allow_dead_letters, seconds=report.seconds, embedded=report.documents)
 
 
+def _check_redis_for_a_bucket(ctx: typer.Context, settings: Settings, out: str) -> None:
+    """An object-store --out takes only a Redis the user named, and that answers: `embedq run`'s
+    private Redis keeps its data in OUT/.embedq-redis, and a Redis cannot keep its data in a bucket."""
+    from embedq.worker.output import is_remote, redact_uri
+
+    if not is_remote(out):
+        return
+    advice = (f"--out {redact_uri(out)} is in an object store, where `embedq run` cannot keep the data of a private "
+              "Redis (OUT/.embedq-redis): pass --redis URL (or set EMBEDQ_REDIS_URL) naming a Redis that answers "
+              "and keeps the job's state, or write to a local directory.")
+    if not redis_named(ctx, settings):
+        raise UsageError(advice)
+    try:
+        connect(settings).close()
+    except RedisUnavailable as exc:
+        raise RedisUnavailable(f"{exc} {advice}") from exc
+
+
 def _check_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recorded: str) -> None:
     """Refuse an output directory that belongs to another job, another directory than the one this
     job already writes to (`recorded`), or one that holds parts of this job while Redis has no
     record of it (its state was lost: embedding again would set them aside)."""
     from embedq import job as job_record
 
-    if recorded and Path(recorded).resolve() != output.path.resolve():
+    if recorded and not output.is_at(recorded):
         raise JobMismatch(
-            f"job {keys.job!r} writes to {recorded}, not {output.path}: run with --out {recorded} to resume or "
+            f"job {keys.job!r} writes to {recorded}, not {output.location}: run with --out {recorded} to resume or "
             f"check it, or give this run another --job name (or remove the job: embedq delete --job {keys.job}).")
     output.claim(keys.job)
     parts = output.part_names()
     if parts and job_record.load(client, keys) is None:
         raise JobMismatch(
-            f"{output.path} holds {len(parts):,} parts of job {keys.job!r}, but this Redis has no record of the job "
-            "(its state was lost, or the job ran against another Redis: pass that one with --redis). To embed "
+            f"{output.location} holds {len(parts):,} parts of job {keys.job!r}, but this Redis has no record of the "
+            "job (its state was lost, or the job ran against another Redis: pass that one with --redis). To embed "
             "again from scratch, remove the directory or choose another --out.")
 
 
 def _embed_here(client: redis.Redis, keys: JobKeys, record: JobRecord, info: ModelInfo, output: OutputDir,
-                settings: Settings, producer: Producer, done_before: int, starting: EngineStarting) -> WorkerReport:
+                settings: Settings, producer: Producer, done_before: int, starting: EngineStarting,
+                workers: list[Worker]) -> WorkerReport:
     """Publish in a thread and embed in this one, with a progress display; the worker's report."""
     from embedq.progress import ProgressReport
     from embedq.status import read_status
@@ -188,7 +213,6 @@ def _embed_here(client: redis.Redis, keys: JobKeys, record: JobRecord, info: Mod
     stop = threading.Event()
     producer.stopping = stop.is_set
     failure: list[BaseException] = []
-    workers: list[Worker] = []
     publisher = threading.Thread(target=_run_guarded, args=(producer.run, failure, stop, workers), daemon=True,
                                  name="embedq-producer")
     publisher.start()  # before the engine is built: a resumed job has a producer from the start
@@ -222,16 +246,16 @@ def _say_done(status: JobStatus, output: OutputDir, redis_hint: str, allow_dead_
 
     if again:
         typer.echo(f"job {status.job}: already complete, nothing to do; {status.committed_documents:,} documents "
-                   f"embedded in {plural(status.committed_parts, 'part')} in {output.path}")
+                   f"embedded in {plural(status.committed_parts, 'part')} in {output.location}")
     else:
         rate = f", {embedded / seconds:,.0f} docs/s" if seconds >= 1 and embedded else ""
         typer.echo(f"job {status.job}: {status.committed_documents:,} documents embedded, "
                    f"{status.dead_documents:,} dead-lettered, {plural(status.committed_parts, 'part')} in "
-                   f"{output.path} ({duration(seconds)}{rate}); rows are in length order, not source order")
-    typer.echo(f"check it with: embedq verify --job {status.job} --out {output.path}{redis_hint}")
+                   f"{output.location} ({duration(seconds)}{rate}); rows are in length order, not source order")
+    typer.echo(f"check it with: embedq verify --job {status.job} --out {output.location}{redis_hint}")
     if status.dead_documents:
         typer.echo(f"{plural(status.dead_documents, 'document was', 'documents were')} dead-lettered: see "
-                   f"{output.path / '_dead_letters.jsonl'} or `embedq dead-letter list --job {status.job}`", err=True)
+                   f"{output.where('_dead_letters.jsonl')} or `embedq dead-letter list --job {status.job}`", err=True)
         if not allow_dead_letters:
             raise typer.Exit(VerificationFailed.exit_code)
 
