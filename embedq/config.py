@@ -157,6 +157,14 @@ def load_settings(flags: dict[str, Any] | None = None, *, environ: dict[str, str
     A wrong value is a `UsageError` that names where it came from: the flag (or, through `origins`,
     the variable a flag was read from), the `EMBEDQ_*` variable, or the file and key.
     """
+    return settings_and_origins(flags, environ=environ, config_file=config_file, origins=origins)[0]
+
+
+def settings_and_origins(flags: dict[str, Any] | None = None, *, environ: dict[str, str] | None = None,
+                         config_file: str | os.PathLike[str] | None = None,
+                         origins: dict[str, str] | None = None) -> tuple[Settings, dict[str, str]]:
+    """`load_settings`, and where each value that is not a default came from ("--flag",
+    "EMBEDQ_NAME", "FILE: key"): what `embedq config show` prints."""
     environ = dict(os.environ) if environ is None else environ
     hints = get_type_hints(Settings)
     values: dict[str, Any] = {}
@@ -183,7 +191,7 @@ def load_settings(flags: dict[str, Any] | None = None, *, environ: dict[str, str
         problem = check(name, value)
         if problem is not None:
             raise UsageError(f"{where[name]} {problem}")
-    return dataclasses.replace(Settings(), **values).validate()
+    return dataclasses.replace(Settings(), **values).validate(), where
 
 
 def _read_config_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from embedq import __version__
-from embedq.cli import admin, bench, engine, jobs, logs, profile, run
+from embedq.cli import admin, bench, configuration, engine, jobs, logs, profile, run
 from embedq.cli.settings import STARTUP
 from embedq.errors import EmbedqError, RedisUnavailable
 
@@ -76,6 +76,9 @@ app.add_typer(dead_app, name="dead-letter")
 engine_app = typer.Typer(help="Export the ONNX graph and build TensorRT engines ahead of time.", no_args_is_help=True,
                          rich_markup_mode="markdown", cls=_Group)
 app.add_typer(engine_app, name="engine")
+config_app = typer.Typer(help="The effective configuration and where each value comes from.", no_args_is_help=True,
+                         rich_markup_mode="markdown", cls=_Group)
+app.add_typer(config_app, name="config")
 
 # In the order `embedq --help` lists them.
 for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, admin.status, admin.verify,
@@ -85,6 +88,7 @@ dead_app.command("list", cls=_Command)(admin.dead_list)
 dead_app.command("replay", cls=_Command)(admin.dead_replay)
 engine_app.command("export", cls=_Command)(engine.export)
 engine_app.command("build", cls=_Command)(engine.build)
+config_app.command("show", cls=_Command)(configuration.show)
 
 
 def _version(value: bool) -> None:
@@ -99,10 +103,13 @@ def _main(
                                          help="More log output: -v adds embedq's debug lines, -vv also those "
                                          "of the libraries it uses (and their progress bars).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    log_format: Annotated[Literal["text", "json"], typer.Option(
+        "--log-format", envvar="EMBEDQ_LOG_FORMAT", show_envvar=True,
+        help="Log lines as text, or as JSON Lines (time, level, logger, message) for log shippers.")] = "text",
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    logs.configure(verbose, quiet)
+    logs.configure(verbose, quiet, log_format)
 
 
 def main() -> None:

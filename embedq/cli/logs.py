@@ -1,4 +1,5 @@
-"""Where log lines go and how many there are: `-q`, default, `-v`, `-vv`.
+"""Where log lines go, how many there are (`-q`, default, `-v`, `-vv`) and their form (`--log-format
+text|json`: JSON Lines with time, level, logger, message and any exception, for log shippers).
 
 Log lines go to the standard error of the moment, not the one at start-up, so that while a live
 progress display runs (it takes stderr over) they are printed above it rather than into it.
@@ -6,6 +7,8 @@ progress display runs (it takes stderr over) they are printed above it rather th
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import sys
@@ -31,11 +34,24 @@ class CurrentStderr(logging.StreamHandler):
         pass
 
 
-def configure(verbosity: int, quiet: bool) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per record: `time` (UTC, ISO 8601), `level`, `logger`, `message`, `process`,
+    `thread`, and `exception` (the traceback) where there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line = {"time": when.isoformat(timespec="milliseconds"), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage(), "process": record.process, "thread": record.threadName}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(verbosity: int, quiet: bool, log_format: str = "text") -> None:
     """-q: embedq's warnings and errors; default: embedq's progress (INFO); -v: embedq's debug
-    lines; -vv: every library's logs and progress bars too."""
+    lines; -vv: every library's logs and progress bars too. `log_format` "json": JSON Lines."""
     handler = CurrentStderr()
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)

@@ -8,6 +8,7 @@ setting needs its option declared and added to a command's signature, nothing el
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import fields
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from embedq.config import Settings, load_settings
-from embedq.connection import DEFAULT_URL
+from embedq.config import Settings, settings_and_origins
+from embedq.connection import DEFAULT_URL, redact
 from embedq.progress import Startup
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from embedq.model import ModelInfo
     from embedq.producer.sources import SourceSpec
 
+log = logging.getLogger("embedq")
 STARTUP = Startup()
 """This command's start-up steps (`embedq run` and `work` log them once the job is done)."""
 
@@ -55,7 +57,13 @@ def settings_from(ctx: typer.Context, **overrides: Any) -> Settings:
     """The settings for this command: its flags (those given), over `EMBEDQ_*` and `embedq.toml`;
     `overrides` (setting names) over all of them."""
     from_variables = {name: f"EMBEDQ_{name.upper()}" for name in setting_flags(given(ctx, ("ENVIRONMENT",)))}
-    return load_settings({**setting_flags(given(ctx)), **overrides}, origins=from_variables)
+    settings, where = settings_and_origins({**setting_flags(given(ctx)), **overrides}, origins=from_variables)
+    if where and not overrides:
+        shown = {name: redact(value) if name == "redis_url" else value
+                 for name, value in dataclasses.asdict(settings).items() if name in where}
+        log.debug("settings other than the defaults: %s",
+                  ", ".join(f"{name}={value!r} ({where[name]})" for name, value in shown.items()))
+    return settings
 
 
 def redis_named(ctx: typer.Context, settings: Settings) -> bool:
