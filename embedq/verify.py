@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import redis
 
 from embedq import job as job_record
@@ -28,7 +27,7 @@ from embedq.keys import JobKeys
 from embedq.protocol import DocId
 from embedq.worker.commit import PartEntry, Reconciliation, reconcile, write_manifest_file
 from embedq.worker.finalize import finalize_output
-from embedq.worker.output import OutputDir, open_output
+from embedq.worker.output import OutputDir, open_output, part_file
 from embedq.worker.writer import read_metadata
 
 if TYPE_CHECKING:
@@ -123,7 +122,7 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
                                 reconcile(client, keys, output, live_workers=set(live_workers(client, keys))))
     result.rolled_forward = len(repaired.rolled_forward)
     result.orphans_removed = len(repaired.orphans_set_aside)
-    result.problems += [f"committed part {name} is missing from {output.path}" for name in repaired.missing]
+    result.problems += [f"committed part {name} is missing from {output.location}" for name in repaired.missing]
 
     output_hashes = _check_parts(output, repaired.parts, record, result)
     letters = list_dead(client, keys)
@@ -163,25 +162,25 @@ def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_rec
                  result: Verification) -> np.ndarray:
     hashes = []
     for name, entry in sorted(parts.items()):
-        path = output.final(name)
-        if not path.exists():
+        file = part_file(name)
+        if not output.has_part(name):
             continue
         try:
-            table = pq.read_table(path)
+            table = output.read_part(name)
         except (OSError, pa.ArrowInvalid) as exc:
-            result.problems.append(f"{path.name} cannot be read: {exc}")
+            result.problems.append(f"{file} cannot be read: {exc}")
             continue
         result.parts += 1
         meta = read_metadata(table.schema)
         embedding = table.schema.field("embedding").type if "embedding" in table.schema.names else None
         if not isinstance(embedding, pa.FixedSizeListType) or embedding.list_size != record.dimension:
-            result.problems.append(f"{path.name}: embedding column is {embedding}, expected {record.dimension} values")
+            result.problems.append(f"{file}: embedding column is {embedding}, expected {record.dimension} values")
             continue
         if meta.get("job") != record.job or meta.get("model_digest") != record.model_digest:
-            result.problems.append(f"{path.name}: metadata names job {meta.get('job')!r} / model "
+            result.problems.append(f"{file}: metadata names job {meta.get('job')!r} / model "
                                    f"{meta.get('model_digest')!r}, not this job's")
         if table.num_rows != entry.rows:
-            result.problems.append(f"{path.name}: {table.num_rows} rows, the manifest says {entry.rows}")
+            result.problems.append(f"{file}: {table.num_rows} rows, the manifest says {entry.rows}")
         values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         finite = np.isfinite(values.reshape(table.num_rows, record.dimension)).all(axis=1)
         result.invalid_values += int((~finite).sum())
@@ -189,7 +188,7 @@ def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_rec
         ids = table.column("id")
         hashes.append(hash_ids(ids.to_numpy() if pa.types.is_integer(ids.type) else ids.to_pylist()))
         if pc.any(pc.is_null(ids)).as_py():
-            result.problems.append(f"{path.name}: null ids")
+            result.problems.append(f"{file}: null ids")
     return np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
 
 

@@ -3,6 +3,7 @@
     1. stage     write the part under `.<name>.parquet.tmp`, fsync it      (writer.py)
     2. settle    one atomic Redis step: manifest entry + dead letters + XACK + XDEL + counters
     3. publish   rename to `<name>.parquet`, fsync the directory           (output.py)
+                 (in an object store: copy, then delete the staged object; object_store.py)
 
 Step 2 runs as a Lua script: Redis executes it atomically and replicates it as one unit, exactly
 like MULTI/EXEC, but it can also *check* before writing, which MULTI/EXEC cannot without WATCH on
@@ -27,6 +28,7 @@ run at worker start, by `embedq gc`, `embedq verify` and at the job's end, `fina
   ... and Redis lost that condemnation            .set-aside, settle passes   the writer's publish renames the set-aside
                                                                                file (if it dies first, recovery does)
   settled, died before the rename                 .tmp or .set-aside, listed  recovery renames it (roll forward)
+  object store: copied, died before the delete    visible + copy, listed      recovery deletes the copy (same bytes)
   settle lost by Redis, writer died               .tmp, not in the manifest   as "staged and died"
   settle lost by Redis after the rename           visible, not listed         recovery sets it aside at once; redone
   settle found entries settled elsewhere          the writer deletes its .tmp no one else may ever commit that name
@@ -49,7 +51,7 @@ import redis
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.ledger import LEDGER_LUA
-from embedq.worker.output import MANIFEST_FILE, OutputDir
+from embedq.worker.output import MANIFEST_FILE, OutputDir, part_file
 from embedq.worker.window import Window
 from embedq.worker.writer import PartWriter, StagedPart
 
@@ -336,8 +338,11 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
         if name in staged or name in aside:
             output.publish(name)
             report.rolled_forward.append(name)
-        elif not output.final(name).exists():
+        elif not output.has_part(name):
             report.missing.append(name)
+    # Committed and visible, with a copy beside it: an object store's publish died between copy and delete.
+    for name in sorted(parts.keys() & visible & (staged | aside)):
+        output.forget_copy(name)
     # Visible but not committed: Redis lost the commit (its batches are pending again and will be
     # committed anew). Out of sight at once, so a glob reader does not see those documents twice.
     for name in sorted(visible - parts.keys()):
@@ -369,12 +374,12 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
 
 def write_manifest_file(output: OutputDir, job: str, parts: dict[str, PartEntry], *, complete: bool,
                         extra: dict[str, Any]) -> None:
-    """Write `_manifest.json`, so the output directory describes itself without Redis."""
+    """Write `_manifest.json`, so the output location describes itself without Redis."""
     output.write_json(MANIFEST_FILE, {
         "job": job,
         "complete": complete,
         "documents": sum(p.rows for p in parts.values()),
-        "parts": [{"file": output.final(name).name, "rows": p.rows, "bytes": p.bytes, "tokens": p.tokens}
+        "parts": [{"file": part_file(name), "rows": p.rows, "bytes": p.bytes, "tokens": p.tokens}
                   for name, p in sorted(parts.items())],
         "updated_at": time.time(),
         **extra,

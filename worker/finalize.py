@@ -49,12 +49,12 @@ def _once(call: Callable[[], Any], what: str) -> Any:
 
 
 def record_output(client: redis.Redis, keys: JobKeys, output: OutputDir) -> None:
-    """Record where the job's output is (`HSET <stats> output <absolute path>`)."""
-    client.hset(keys.stats, OUTPUT_FIELD, str(output.path))
+    """Record where the job's output is (`HSET <stats> output <absolute path or URI>`)."""
+    client.hset(keys.stats, OUTPUT_FIELD, output.location)
 
 
 def recorded_output(client: redis.Redis, keys: JobKeys) -> str | None:
-    """The output directory `record_output` recorded, if any."""
+    """The output location `record_output` recorded, if any."""
     raw = client.hget(keys.stats, OUTPUT_FIELD)
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -71,7 +71,7 @@ def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recor
                                                  grace=grace), "finalize the output")
     if done.missing:
         log.error("committed parts are missing from %s: %s; `embedq verify` reports their documents",
-                  output.path, ", ".join(done.missing[:10]))
+                  output.location, ", ".join(done.missing[:10]))
     dead = run(lambda: write_dead_letters_file(client, keys, output), "list dead letters")
     write_manifest_file(output, keys.job, done.parts, complete=not done.missing,
                         extra={**record.model_fields(), "dead_letters": dead})
@@ -87,8 +87,7 @@ def write_dead_letters_file(client: redis.Redis, keys: JobKeys, output: OutputDi
     """Write the job's dead letters as `_dead_letters.jsonl`, or remove the file when there are none
     (a replay emptied them); returns how many documents they hold. With `only_if_present`, a
     directory without the file is left alone (its job was never finalized)."""
-    path = output.path / DEAD_LETTERS_FILE
-    if only_if_present and not path.exists():
+    if only_if_present and not output.has_file(DEAD_LETTERS_FILE):
         return 0
     letters = deadletter.list_dead(client, keys)
     if letters:

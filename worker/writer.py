@@ -1,4 +1,5 @@
-"""The Parquet part writer: one part per window, written under its staging name and fsynced.
+"""The Parquet part writer: one part per window, written durably under its staging name (fsync, or a
+completed upload to an object store: `output.py`).
 
 Schema (contract 5): `id` (string or int64), `embedding` (fixed-size list of float32, or float16 on
 request), `n_tokens` (int32, tokens embedded, special tokens included), `truncated` (bool). File
@@ -8,10 +9,8 @@ embedq version and job, under keys `embedq.<name>`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from embedq import __version__
 from embedq.errors import OutputError
 from embedq.protocol import DocId
-from embedq.worker.output import OutputDir, describe_os_error
+from embedq.worker.output import OutputDir
 
 log = logging.getLogger("embedq.worker")
 
@@ -77,7 +76,7 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class StagedPart:
-    """A part written and fsynced under its staging name, not yet committed."""
+    """A part written durably under its staging name, not yet committed."""
 
     name: str
     rows: int
@@ -85,7 +84,7 @@ class StagedPart:
 
 
 class PartWriter:
-    """Writes parts of one job into an output directory.
+    """Writes parts of one job into an output location (a directory or an object-store prefix).
 
     A full disk (ENOSPC, EDQUOT) is waited out for up to `disk_retry_seconds`, with backoff, since
     space often comes back (a cleanup, a log rotation); any other write error, or a disk still full
@@ -113,7 +112,7 @@ class PartWriter:
             try:
                 return self._write(name, table)
             except OSError as exc:
-                message = describe_os_error(exc, self.output.path)
+                message = self.output.describe(exc)
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or time.monotonic() > deadline or self._stopping():
                     raise OutputError(message + " Nothing was acknowledged; the batches will be retried.") from exc
                 log.warning("%s Pausing %.0f s and retrying (gives up after %.0f s).", message, delay,
@@ -122,20 +121,13 @@ class PartWriter:
                 delay = min(delay * 2, 30.0)
 
     def _write(self, name: str, table: pa.Table) -> StagedPart:
-        """One attempt; a failed write removes the partial file and re-raises the OSError."""
-        path = self.output.staging(name)
-        try:
-            with path.open("wb") as handle:
-                # Embeddings barely compress and zstd on them costs more CPU than the GPU leaves;
-                # ids compress well.
-                pq.write_table(table, handle, compression={"id": "zstd", "embedding": "none",
-                                                           "n_tokens": "zstd", "truncated": "zstd"},
-                               use_dictionary=False, write_statistics=["id", "n_tokens"])
-                handle.flush()
-                os.fsync(handle.fileno())
-                size = handle.tell()
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        """One attempt; a failed write removes the partial file and re-raises the OSError. The
+        output location makes the file durable (fsync, or a completed upload) before this returns."""
+        with self.output.staging_stream(name) as handle:
+            # Embeddings barely compress and zstd on them costs more CPU than the GPU leaves;
+            # ids compress well.
+            pq.write_table(table, handle, compression={"id": "zstd", "embedding": "none",
+                                                       "n_tokens": "zstd", "truncated": "zstd"},
+                           use_dictionary=False, write_statistics=["id", "n_tokens"])
+            size = handle.tell()
         return StagedPart(name=name, rows=table.num_rows, bytes=size)

@@ -179,7 +179,7 @@ def gc(
         typer.echo(f"  the job is complete and its output final: _manifest.json written, "
                    f"{len(result.set_aside_deleted)} set-aside parts deleted")
     if result.missing:
-        typer.echo(f"warning: {len(result.missing)} committed parts are missing from {output.path}: "
+        typer.echo(f"warning: {len(result.missing)} committed parts are missing from {output.location}: "
                    + ", ".join(result.missing[:10]), err=True)
         raise typer.Exit(8)
 

@@ -114,7 +114,8 @@ def run(
     from embedq.connection import redis_for_run
     from embedq.producer.sources import open_source
     from embedq.status import read_status
-    from embedq.worker.output import LocalDir, open_output
+    from embedq.worker.local_dir import LocalDir
+    from embedq.worker.output import open_output
 
     settings = settings_from(ctx)
     _check_redis_for_a_bucket(ctx, settings, out)  # before the bucket is touched or the model loads
@@ -169,7 +170,8 @@ def run(
 def _check_redis_for_a_bucket(ctx: typer.Context, settings: Settings, out: str) -> None:
     """An object-store --out takes only a Redis the user named, and that answers: `embedq run`'s
     private Redis keeps its data in OUT/.embedq-redis, and a Redis cannot keep its data in a bucket."""
-    from embedq.worker.output import is_remote, redact_uri
+    from embedq.worker.object_store import redact_uri
+    from embedq.worker.output import is_remote
 
     if not is_remote(out):
         return
