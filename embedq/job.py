@@ -165,6 +165,41 @@ def job_settled(client: redis.Redis, keys: JobKeys) -> bool:
 job_complete = job_settled  # the worker's, `gc`'s and `verify`'s name for it: "no more work", not "final"
 
 
+# What a finished job no longer needs in Redis: bookkeeping per stream entry, read only while
+# entries are in flight (the ledger of entries embedq added, failure and crash counts, the staged
+# parts recovery condemned). The record, counters, producer cursor, manifest, dead letters and the
+# stream with its group stay, for `status`, `verify`, `gc` and `dead-letter replay`; a replay adds
+# its entries and their ledger rows afresh. One script, so it cannot interleave with a replay.
+_COMPACT = f"""
+-- KEYS: 1 stream, 2 stats, 3.. the keys to drop.  Only once the job's output is final and nothing is queued.
+if redis.call('XLEN', KEYS[1]) ~= 0 or redis.call('HGET', KEYS[2], '{FINALIZED_FIELD}') ~= '1' then return -1 end
+local dropped = 0
+for i = 3, #KEYS do dropped = dropped + redis.call('DEL', KEYS[i]) end
+return dropped
+"""
+
+
+def compact_finished(client: redis.Redis, keys: JobKeys) -> tuple[int, int] | None:
+    """Drop what a finished job no longer needs from Redis; the job's memory (bytes) before and
+    after, or None if the job is not final (then nothing is dropped)."""
+    before = job_memory(client, keys)
+    spent = [keys.ledger, keys.failures, keys.crashes, keys.condemned]
+    if int(client.register_script(_COMPACT)(keys=[keys.stream, keys.stats, *spent])) < 0:
+        return None
+    return before, job_memory(client, keys)
+
+
+def job_memory(client: redis.Redis, keys: JobKeys) -> int:
+    """Bytes the job's keys take in Redis (`MEMORY USAGE` of each; the workers' short-lived lease
+    and working-set keys left out), without scanning the keyspace."""
+    names = [keys.stream, keys.meta, keys.producer, keys.producer_lock, keys.ledger, keys.manifest, keys.stats,
+             keys.dead, keys.condemned, keys.failures, keys.workers, keys.crashes]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.memory_usage(name, samples=0)
+    return sum(int(used or 0) for used in pipe.execute())
+
+
 def producer_stalled(client: redis.Redis, keys: JobKeys) -> str | None:
     """What to run when the job has stalled (its producer stopped before the end, or Redis lost its
     last writes, and no producer holds the lock), else None. For idle workers to log."""

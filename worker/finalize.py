@@ -5,8 +5,9 @@ complete job, and by `embedq verify`. It runs recovery with every writer taken f
 committed parts renamed, orphans set aside), writes `_dead_letters.jsonl` and `_manifest.json`, and
 only then records `finalized` in the job's stats hash, which `status` reads: "complete" means the
 output is final, not merely that the stream is empty. A settle after that (a dead-letter replay
-embedded) clears the flag again in the same atomic step. `record_output` stores where the output
-is, for `status` and `dead-letter replay`.
+embedded) clears the flag again in the same atomic step. Once final, the job's bookkeeping per
+stream entry is dropped from Redis (`job.compact_finished`). `record_output` stores where the
+output is, for `status` and `dead-letter replay`.
 
 Set-aside parts (commit.py) are deleted here, and only here: once the job is complete, every part
 the manifest lists is visible, and the part has been aside for `SET_ASIDE_GRACE` seconds.
@@ -22,7 +23,7 @@ from typing import Any
 import redis
 
 from embedq import deadletter
-from embedq.job import FINALIZED_FIELD, OUTPUT_FIELD, JobRecord, job_complete, live_workers
+from embedq.job import FINALIZED_FIELD, OUTPUT_FIELD, JobRecord, compact_finished, job_complete, live_workers
 from embedq.keys import JobKeys
 from embedq.worker.commit import Reconciliation, Retry, reconcile, write_manifest_file
 from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
@@ -79,7 +80,17 @@ def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recor
         script = client.register_script(_FINALIZE)
         done.finalized = bool(run(lambda: script(keys=[keys.stream, keys.manifest, keys.stats],
                                                  args=[len(done.parts)]), "record the output as final"))
+    if done.finalized:
+        memory = run(lambda: compact_finished(client, keys), "compact the job in Redis")
+        if memory is not None:
+            log.info("job %s: Redis holds %s of it now (%s before compaction); `embedq delete --job %s` "
+                     "removes the rest once the output is all you need", keys.job, _size(memory[1]),
+                     _size(memory[0]), keys.job)
     return done
+
+
+def _size(count: int) -> str:
+    return f"{count / 1024:.1f} KiB" if count < 2**20 else f"{count / 2**20:.1f} MiB"
 
 
 def write_dead_letters_file(client: redis.Redis, keys: JobKeys, output: OutputDir, *,

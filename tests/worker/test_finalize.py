@@ -165,3 +165,28 @@ def test_probe_files_of_killed_processes_are_removed_when_the_output_is_opened_o
     reconcile(redis_client, keys, out, live_workers=set())
     assert sorted(p.name for p in out.path.glob(".embedq-probe-*")) == sorted(fresh)
     assert manifest_entries(redis_client, keys) == {}
+
+
+def test_a_final_job_keeps_in_redis_only_what_status_verify_and_replay_read(
+        redis_client: redis.Redis, keys: JobKeys, tiny: ModelInfo, tiny_engine: Engine, tmp_path: Path,
+        gloss_texts: list[str]) -> None:
+    from embedq.job import compact_finished
+
+    record = publish(redis_client, keys, tiny, tmp_path, gloss_texts)
+    dead_letter_last_batch(redis_client, keys)
+    redis_client.hset(keys.failures, "0-1", 1)  # as a failed attempt leaves it
+    spent = [keys.ledger, keys.failures, keys.crashes, keys.condemned]
+    assert compact_finished(redis_client, keys) is None  # not final: nothing is dropped
+    assert redis_client.exists(keys.ledger, keys.failures) == 2
+
+    # The worker that sees the job complete finalizes it, and the finalization compacts it.
+    run_worker(redis_client, keys, record, tiny, tiny_engine, tmp_path / "out")
+
+    assert redis_client.hget(keys.stats, FINALIZED_FIELD) == b"1"
+    assert redis_client.exists(*spent) == 0
+    for kept in (keys.meta, keys.stats, keys.producer, keys.manifest, keys.dead, keys.stream):
+        assert redis_client.exists(kept), kept
+    assert len(list_dead(redis_client, keys)) == 2  # the empty document and the dead-lettered batch
+    assert len(read_output(tmp_path / "out")) == N_DOCS - 21
+    again = compact_finished(redis_client, keys)  # idempotent, and it says what the job takes
+    assert again is not None and again[0] == again[1] > 0
