@@ -16,7 +16,7 @@ from embedq.model import ModelInfo, Pooling, load_model_info
 from embedq.tokenization import Tokenizer
 from embedq.worker.pipeline import embed_documents
 
-from .conftest import THREADS, Sample
+from .conftest import BOUNDED_SAMPLE, THREADS, Sample
 from .corpus_batches import cosine, padded_batches
 
 # The contract's tolerance for fp32 backends against sentence-transformers on the same model.
@@ -31,9 +31,26 @@ def test_sample_mixes_short_and_truncated_documents(sample: Sample) -> None:
     assert int(sample.docs.lengths.max()) == 256
 
 
+def test_the_bounded_sample_spans_the_lengths_of_the_sample(sample: Sample, bounded_sample: Sample) -> None:
+    assert len(bounded_sample.docs) == BOUNDED_SAMPLE
+    assert set(bounded_sample.texts) <= set(sample.texts)
+    assert int(bounded_sample.docs.lengths.min()) < 16
+    assert int(bounded_sample.docs.truncated.sum()) >= 5
+    assert int(bounded_sample.docs.lengths.max()) == 256
+
+
+@pytest.fixture(params=["bounded", pytest.param("full", marks=pytest.mark.full)])
+def checked(request: pytest.FixtureRequest) -> tuple[Sample, np.ndarray]:
+    """A sample and sentence-transformers' embeddings of it: the bounded one by default, all of it with -m full."""
+    if request.param == "full":
+        return request.getfixturevalue("sample"), request.getfixturevalue("st_reference")
+    return request.getfixturevalue("bounded_sample"), request.getfixturevalue("bounded_st_reference")
+
+
 def test_embeddings_match_sentence_transformers_for_every_document(
-    backend_engine: Engine, sample: Sample, st_reference: np.ndarray, model_info: ModelInfo
+    backend_engine: Engine, checked: tuple[Sample, np.ndarray], model_info: ModelInfo
 ) -> None:
+    sample, st_reference = checked
     embeddings = embed_documents(backend_engine, sample.docs, model_info.pad_token_id)
 
     assert embeddings.shape == (len(sample.docs), model_info.dim)
