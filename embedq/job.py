@@ -179,9 +179,10 @@ return dropped
 """
 
 
-def compact_finished(client: redis.Redis, keys: JobKeys) -> tuple[int, int] | None:
+def compact_finished(client: redis.Redis, keys: JobKeys) -> tuple[int | None, int | None] | None:
     """Drop what a finished job no longer needs from Redis; the job's memory (bytes) before and
-    after, or None if the job is not final (then nothing is dropped)."""
+    after (None where Redis does not let this user ask), or None if the job is not final (then
+    nothing is dropped)."""
     before = job_memory(client, keys)
     spent = [keys.ledger, keys.failures, keys.crashes, keys.condemned]
     if int(client.register_script(_COMPACT)(keys=[keys.stream, keys.stats, *spent])) < 0:
@@ -189,15 +190,19 @@ def compact_finished(client: redis.Redis, keys: JobKeys) -> tuple[int, int] | No
     return before, job_memory(client, keys)
 
 
-def job_memory(client: redis.Redis, keys: JobKeys) -> int:
+def job_memory(client: redis.Redis, keys: JobKeys) -> int | None:
     """Bytes the job's keys take in Redis (`MEMORY USAGE` of each; the workers' short-lived lease
-    and working-set keys left out), without scanning the keyspace."""
+    and working-set keys left out), without scanning the keyspace; None where the Redis user may not
+    run MEMORY USAGE (it is not among the commands embedq needs)."""
     names = [keys.stream, keys.meta, keys.producer, keys.producer_lock, keys.ledger, keys.manifest, keys.stats,
              keys.dead, keys.condemned, keys.failures, keys.workers, keys.crashes]
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.memory_usage(name, samples=0)
-    return sum(int(used or 0) for used in pipe.execute())
+    try:
+        return sum(int(used or 0) for used in pipe.execute())
+    except redis.exceptions.NoPermissionError:
+        return None
 
 
 def producer_stalled(client: redis.Redis, keys: JobKeys) -> str | None:

@@ -82,14 +82,15 @@ def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recor
                                                  args=[len(done.parts)]), "record the output as final"))
     if done.finalized:
         memory = run(lambda: compact_finished(client, keys), "compact the job in Redis")
-        if memory is not None:
+        if memory is not None and None not in memory:
             log.info("job %s: Redis holds %s of it now (%s before compaction); `embedq delete --job %s` "
                      "removes the rest once the output is all you need", keys.job, _size(memory[1]),
                      _size(memory[0]), keys.job)
     return done
 
 
-def _size(count: int) -> str:
+def _size(count: int | None) -> str:
+    count = count or 0
     return f"{count / 1024:.1f} KiB" if count < 2**20 else f"{count / 2**20:.1f} MiB"
 
 

@@ -40,6 +40,7 @@ EMBEDQ_ACL = [
     "+xadd", "+xlen", "+xrange", "+xdel", "+xack", "+xreadgroup", "+xautoclaim", "+xclaim", "+xpending",
     "+xgroup|create",  # the streams
     "+evalsha", "+script|load",  # the publish, settle, split and replay scripts
+    "+memory|usage",  # the job's memory before and after its compaction (optional: refused, it is not logged)
 ]
 ADMIN_PASSWORD = "admin-pw-0451"
 TENANTS = {"embedq": "secret-a-7781", "tenantb": "secret-b-9902"}  # user = key prefix -> password
