@@ -54,8 +54,9 @@ def flag(*flags: str, help: str, panel: str | None = None, setting_name: str | N
 SourceArg = Annotated[str, typer.Argument(help="File, directory, or - for stdin.", show_default=False,
                                           metavar="SOURCE")]
 JobOpt = Annotated[str, typer.Option("--job", "-j", help="Job name.", show_default=False, metavar="NAME")]
-OutOpt = Annotated[str, typer.Option("--out", "-o", help="Output directory for the Parquet parts.",
-                                     show_default=False, metavar="DIR")]
+OutOpt = Annotated[str, typer.Option("--out", "-o", help="Where the Parquet parts go: a directory, or an object "
+                                     "store (s3://BUCKET/PREFIX, gs://..., with `run` only beside a named --redis).",
+                                     show_default=False, metavar="DIR|URI")]
 AsJsonOpt = Annotated[bool, flag("--json", help="Print JSON for scripts.")]
 
 # -- Redis
