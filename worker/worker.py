@@ -183,7 +183,7 @@ class Worker:
                 held = set(self.in_flight.snapshot())
                 deliveries += self._redis(functools.partial(self.consumer.reclaim, per_read, held), "reclaim batches")
                 self.report.reclaimed += len(deliveries)
-                next_reclaim = time.monotonic() + reclaim_every
+                next_reclaim = 0.0 if len(deliveries) >= per_read else time.monotonic() + reclaim_every
                 if deliveries:  # a batch redone may have a part from a lost settle: set it aside now
                     self._recover("set orphan parts aside")
             block = 200

@@ -227,6 +227,19 @@ def test_a_full_disk_pauses_then_stops_the_worker_with_nothing_partial_visible(
     assert_exactly_once(redis_client, keys, out)
 
 
+def remount_read_only(mount_point: Path, seconds: float = 30) -> None:
+    """Remount a filesystem read-only, retrying while it is busy: the kernel refuses (EBUSY, mount
+    exits 32) while a file on it is open for writing, as a part is for a moment per window."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not remount {mount_point} read-only: {done.stderr}")
+        time.sleep(0.02)
+
+
 def test_an_output_directory_turned_read_only_stops_the_worker(redis_client, keys, tiny, tiny_model, source,
                                                                small_disk: Path, tmp_path: Path,
                                                                redis_url: str) -> None:
@@ -234,7 +247,7 @@ def test_an_output_directory_turned_read_only_stops_the_worker(redis_client, key
     out, log = small_disk / "out", tmp_path / "worker.log"
     worker = embedq_process(*worker_args(keys, out, redis_url, tiny_model), log=log)
     wait_until(lambda: committed(redis_client, keys) > 0, 120, "a first commit")
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    remount_read_only(small_disk)
     try:
         assert worker.wait(timeout=120) == 6, log.read_text()[-3000:]
         assert "not writable" in log.read_text()
