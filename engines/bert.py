@@ -175,10 +175,10 @@ def _native_class() -> type[torch.nn.Module]:
             keep = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
             # Where each real token sits in the flattened batch: static size, so no host round trip.
             where = torch.nonzero_static(keep.flatten(), size=tokens).squeeze(1)
-            row, positions = where // width, where % width  # row: for attention without flash
+            positions = where % width
             starts = torch.zeros(rows + 1, dtype=torch.int32, device=ids.device)
             starts[1:] = torch.cumsum(lengths, 0)
-            attend = _packed_attention(starts, width, row, positions, rows)
+            attend = _packed_attention(starts, keep, where)
             states = self.embeddings(ids.flatten()[where], positions)
             for layer in self.layers:
                 states = layer(states, attend)
@@ -205,9 +205,12 @@ def _native_class() -> type[torch.nn.Module]:
                 pooled = F.normalize(pooled, p=2.0, dim=1, eps=NORMALIZE_EPS)
             return pooled
 
-    def _packed_attention(starts: torch.Tensor, width: int, row: torch.Tensor, positions: torch.Tensor,
-                          rows: int) -> Any:
+    def _packed_attention(starts: torch.Tensor, keep: torch.Tensor, where: torch.Tensor) -> Any:
+        """Attention over packed rows: `starts` their segments, `keep` `(B, S)` the padded batch's
+        real places, `where` the flat place of each packed token."""
         varlen = _varlen_attention()
+        rows, width = keep.shape
+        mask = keep[:, None, None, :]
 
         def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             result: torch.Tensor = varlen(q, k, v, starts, starts, width, width)
@@ -216,16 +219,14 @@ def _native_class() -> type[torch.nn.Module]:
         def scattered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # Where flash attention cannot run (CPU, fp32): back to (B, S) for SDPA with a mask.
             heads, d = q.shape[1:]
-            keep = torch.zeros(rows, width, dtype=torch.bool, device=q.device)
-            keep[row, positions] = True
 
             def padded(x: torch.Tensor) -> torch.Tensor:
-                out = x.new_zeros(rows, width, heads, d)
-                out[row, positions] = x
-                return out.transpose(1, 2)
+                out = x.new_zeros(rows * width, heads, d)
+                out[where] = x
+                return out.view(rows, width, heads, d).transpose(1, 2)
 
-            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keep[:, None, None, :])
-            return out.transpose(1, 2)[row, positions]
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask)
+            return out.transpose(1, 2).reshape(rows * width, heads, d)[where]
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
