@@ -47,7 +47,7 @@ def publish_job(client: redis.Redis, tiny: ModelInfo, tmp_path: Path, texts: lis
 
 def one_window_worker(client: redis.Redis, keys: JobKeys, record: JobRecord, tiny: ModelInfo, engine: Engine,
                       output: OutputDir) -> Worker:
-    """A worker that takes the whole job (four batches) as one window, so it commits one part."""
+    """A worker with windows up to the whole job (the first is one batch), and a short lease."""
     return Worker(client, keys, record, tiny, engine, output, WorkerOptions(window_docs=N_DOCS, lease_seconds=5,
                                                                             idle_exit_seconds=3.0))
 
@@ -95,7 +95,8 @@ def test_a_condemnation_redis_loses_cannot_lose_the_documents_the_stalled_worker
         server.mark()
         taken_for_dead = set(live_workers(client, keys)) - {first.id}  # its lease lapsed while it stalled
         recovery = reconcile(client, keys, out, live_workers=taken_for_dead)
-        seen["set aside"] = recovery.staged_set_aside == [name] and out.set_aside(name).exists()
+        # The worker's other commit thread may have staged the next window's part too: set aside with it.
+        seen["set aside"] = name in recovery.staged_set_aside and out.set_aside(name).exists()
         seen["condemned"] = bool(client.sismember(keys.condemned, name))
         server.lose_writes()  # SIGKILL, and the AOF loses the condemnation
         seen["condemnation lost"] = not client.sismember(keys.condemned, name)
