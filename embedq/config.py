@@ -194,6 +194,19 @@ def settings_and_origins(flags: dict[str, Any] | None = None, *, environ: dict[s
     return dataclasses.replace(Settings(), **values).validate(), where
 
 
+def as_environment(settings: Settings) -> dict[str, str]:
+    """The `EMBEDQ_*` variables that give a child process exactly these settings, whatever its
+    environment and `embedq.toml` say (a variable ranks above the file; None is left unset)."""
+    variables = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        variables[f"EMBEDQ_{f.name.upper()}"] = text
+    return variables
+
+
 def _read_config_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -271,8 +271,16 @@ def default_tokenizer_processes(device: str, tokenizer_file: str | os.PathLike[s
     commit threads keep those)."""
     if not device.startswith("cuda"):
         return 0
-    cores = max(1, (os.cpu_count() or 2) - 2)
+    cores = max(1, len(usable_cores()) - 2)
     return min(2, cores) if Tokenizer(tokenizer_file, 8).library == "nanotoken" else cores
+
+
+def usable_cores() -> set[int]:
+    """The cores this process may run on: a worker under `embedq work --gpus` is pinned to its share."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 2))
 
 
 Encode = Callable[[list[str]], TokenizedDocs]

@@ -32,6 +32,7 @@ from embedq.cli.options import (
     DtypeOpt,
     FailuresOpt,
     FormatOpt,
+    GpusOpt,
     GraphsOpt,
     IdFieldOpt,
     JobModelOpt,
@@ -64,6 +65,7 @@ from embedq.cli.options import (
     UntilCompleteOpt,
     WindowOpt,
     WindowSecondsOpt,
+    WorkersOpt,
 )
 from embedq.cli.settings import STARTUP, connect, job_keys, load_model, settings_from, source_spec
 from embedq.config import Settings
@@ -263,19 +265,25 @@ def work(
     shutdown_timeout: ShutdownOpt = DEFAULTS.shutdown_timeout, output_dtype: DtypeOpt = DEFAULTS.output_dtype,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the job to be created.")] = True,
     metrics_port: MetricsPortOpt = None,
+    gpus: GpusOpt = None, workers: WorkersOpt = None,
     redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """Embed job NAME's batches into the --out directory until the job is complete.
 
-    Run any number of workers on the same job (one per GPU). SIGTERM finishes and commits what is in
-    flight, then exits 0; a killed worker's batches are taken over by the others after the lease.
+    Run any number of workers on the same job, on any nodes: --gpus all starts one per GPU of this
+    node. SIGTERM finishes and commits what is in flight, then exits 0; a killed worker's batches
+    are taken over by the others after the lease.
     """
     from embedq.job import check_model
     from embedq.worker.output import open_output
 
     settings = settings_from(ctx)
+    if gpus is not None or workers is not None:
+        from embedq.cli.node import supervise_work
+
+        supervise_work(ctx, settings, job=job, out=out, wait=wait, gpus=gpus, workers=workers)
     client = connect(settings)
     keys = job_keys(job, settings)
     output = open_output(out)

@@ -26,6 +26,7 @@ _MODEL = "Model"
 _PRODUCER = "Producer"
 _WORKER = "Worker"
 _OPERATIONS = "Operations"
+_NODE = "Node"
 
 # Choices, as the types of their options: `--help` lists them and a wrong one is a usage error.
 Format = Literal["auto", "parquet", "jsonl", "csv", "text"]
@@ -162,6 +163,14 @@ GraphsOpt = Annotated[bool, flag(
 UnpadOpt = Annotated[Unpad, setting(
     "unpad", "--unpad", help="Run BERT-family models on their real tokens only, without padding (on CUDA); "
     "auto: for models of hidden size 768 and up.", panel=_WORKER)]
+GpusOpt = Annotated[str | None, typer.Option(
+    "--gpus", help="One worker process per GPU: all, or GPU numbers such as 0,1. A supervisor divides the CPU "
+    "cores between them, forwards signals (the first drains them all) and restarts a worker that crashed.",
+    rich_help_panel=_NODE, envvar="EMBEDQ_GPUS", show_envvar=True, metavar="all|N,N,...", show_default="one worker")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", help="Worker processes per GPU of --gpus, or on --device (CPU nodes: the cores are divided "
+    "between them), under one supervisor.", rich_help_panel=_NODE, envvar="EMBEDQ_WORKERS", show_envvar=True,
+    metavar="N", show_default="1")]
 RebuildOpt = Annotated[bool, flag(
     "--rebuild-engines/--no-rebuild-engines", help="Rebuild a cached TensorRT engine built from anything else "
     "(model, tokenizer, profiles, precision, TensorRT, GPU); with --no-rebuild-engines such a worker stops and "

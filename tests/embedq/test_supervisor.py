@@ -1,0 +1,195 @@
+"""`embedq work --gpus/--workers`: the plan (devices, cores, restart backoff) as plain functions, and
+the supervisor with real `embedq work` children on CPU: all of them finish one job exactly once, a
+killed child is restarted, SIGTERM drains them all, a configuration error stops the node."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+import typer
+from typer.testing import CliRunner
+
+from embedq.cli.node import child_command, child_environment, node_devices
+from embedq.config import Settings, load_settings
+from embedq.errors import UsageError
+from embedq.keys import JobKeys
+from embedq.model import load_model_info
+from embedq.supervisor import Backoff, Slot, Supervisor, parse_gpus, plan_slots
+from embedq.verify import verify_job
+from tests.support import committed, embedq_process, produce, wait_until, write_jsonl
+
+N_DOCS = 3000
+
+
+# -- the plan
+
+
+def test_gpus_all_or_a_list_checked_against_the_machine() -> None:
+    assert parse_gpus("all", 4) == [0, 1, 2, 3]
+    assert parse_gpus("0,2", 4) == [0, 2]
+    assert parse_gpus(" 1 ", 2) == [1]
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        parse_gpus("all", 0)
+    with pytest.raises(UsageError, match=r"has 2 CUDA GPU.*no GPU 3"):
+        parse_gpus("0,3", 2)
+    with pytest.raises(UsageError, match="twice"):
+        parse_gpus("1,1", 2)
+    with pytest.raises(UsageError, match="GPU numbers"):
+        parse_gpus("first", 2)
+
+
+def test_each_worker_gets_a_contiguous_share_of_the_cores() -> None:
+    slots = plan_slots(["cuda:0", "cuda:1"], list(range(32)))
+    assert [s.cores for s in slots] == [tuple(range(16)), tuple(range(16, 32))]
+    uneven = plan_slots(["cuda:0", "cuda:1", "cuda:2"], [0, 1, 2, 3, 4, 5, 6])
+    assert [len(s.cores) for s in uneven] == [3, 2, 2] and sorted(c for s in uneven for c in s.cores) == list(range(7))
+    assert plan_slots(["cpu"] * 3, [0, 1]) == [Slot(0, "cpu"), Slot(1, "cpu"), Slot(2, "cpu")]  # too few to pin
+
+
+def test_workers_multiply_per_gpu_or_run_on_the_device_given() -> None:
+    assert node_devices(None, 3, "cpu") == ["cpu", "cpu", "cpu"]
+    with pytest.raises(UsageError, match="at least 1"):
+        node_devices(None, 0, "cpu")
+    with pytest.raises(UsageError, match="leave --device out"):
+        node_devices("0", None, "cuda:1")
+
+
+def test_restarts_back_off_doubling_to_a_ceiling() -> None:
+    backoff = Backoff(first=1.0, longest=60.0)
+    assert [backoff.delay(n) for n in (1, 2, 3, 4, 7, 20)] == [1.0, 2.0, 4.0, 8.0, 60.0, 60.0]
+
+
+def test_a_child_gets_the_parents_effective_settings_and_its_own_device_and_port(tmp_path: Path) -> None:
+    empty = tmp_path / "embedq.toml"
+    empty.write_text("")
+    settings = load_settings({"lease_seconds": 7.0, "metrics_port": 9400, "cuda_graphs": False},
+                             environ={}, config_file=empty)
+    env = child_environment(settings, Slot(2, "cpu", (4, 5, 6)), base={"EMBEDQ_GPUS": "all", "PATH": "/bin",
+                                                                          "EMBEDQ_LEASE_SECONDS": "99"})
+    assert "EMBEDQ_GPUS" not in env and env["PATH"] == "/bin"
+    assert env["EMBEDQ_LEASE_SECONDS"] == "7.0" and env["EMBEDQ_CUDA_GRAPHS"] == "false"
+    assert env["EMBEDQ_DEVICE"] == "cpu" and env["EMBEDQ_METRICS_PORT"] == "9402" and env["EMBEDQ_THREADS"] == "3"
+    # what the child reads back is what the parent had
+    child = load_settings(environ=env, config_file=empty)
+    assert child.lease_seconds == 7.0 and child.cuda_graphs is False and child.device == "cpu"
+
+
+# -- real children
+
+
+@pytest.fixture
+def job(redis_client: redis.Redis, job_name: str, tiny_model: Path, tmp_path: Path,
+        gloss_texts: list[str]) -> JobKeys:
+    keys = JobKeys(job_name)
+    source = write_jsonl(tmp_path / "docs.jsonl", list(range(N_DOCS)), gloss_texts[:N_DOCS])
+    produce(redis_client, keys, load_model_info(tiny_model), source, batch_size=100)
+    return keys
+
+
+def children_env(redis_url: str) -> dict[str, str]:
+    return {**os.environ, "EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_BACKEND": "torch", "PYTHONUNBUFFERED": "1"}
+
+
+def cpu_supervisor(keys: JobKeys, out: Path, redis_url: str, n: int, log: Path,
+                   backoff: Backoff | None = None) -> Supervisor:
+    settings = Settings(redis_url=redis_url, backend="torch", device="cpu", lease_seconds=2.0, window_docs=200)
+    command = [sys.executable, "-m", "embedq", "work", "--job", keys.job, "--out", str(out)]
+    sink = log.open("ab")
+
+    def environment(slot: Slot) -> dict[str, str]:
+        return child_environment(settings, slot, base=children_env(redis_url))
+
+    return Supervisor(plan_slots(["cpu"] * n, [0]), lambda _slot: command, environment, backoff=backoff,
+                      output=sink)
+
+
+def assert_exactly_once(client: redis.Redis, keys: JobKeys, out: Path) -> None:
+    result = verify_job(client, keys, str(out))
+    assert result.ok and result.output_rows == N_DOCS, result.render()
+
+
+def test_embedq_work_workers_3_finishes_the_job_exactly_once(redis_client: redis.Redis, job: JobKeys,
+                                                              redis_url: str, tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "node.log"
+    node = embedq_process("work", "--workers", "3", "--device", "cpu", "--job", job.job, "--out", str(out),
+                          "--redis", redis_url, "--lease-seconds", "2", "--window-docs", "200", log=log)
+    assert node.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert len(set(re.findall(r"worker \d \(cpu\) started \(pid (\d+)", text))) == 3, text[-3000:]
+    assert "node: 3 workers, all finished, 0 restart(s)" in text
+    workers = set(re.findall(r"worker (\S+): [\d,]+ documents", text))
+    assert len(workers) == 3, "each child is a worker of its own"
+    assert_exactly_once(redis_client, job, out)
+
+
+def test_a_killed_worker_is_restarted_and_the_job_completes_exactly_once(
+        redis_client: redis.Redis, job: JobKeys, redis_url: str, tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "node.log"
+    supervisor = cpu_supervisor(job, out, redis_url, 2, log, backoff=Backoff(first=0.2))
+    victim = supervisor.children[0]
+    killed: list[int] = []
+
+    def kill_once_it_commits() -> None:
+        wait_until(lambda: committed(redis_client, job) > 0, 120, "a first commit")
+        assert victim.process is not None
+        killed.append(victim.process.pid)
+        victim.process.kill()
+
+    import threading
+
+    killer = threading.Thread(target=kill_once_it_commits, daemon=True)
+    killer.start()
+    report = supervisor.run(install_signals=False)
+    killer.join(timeout=5)
+    assert killed and victim.restarts >= 1, report
+    assert report.exit_code == 0 and [c.exit_code for c in report.children] == [0, 0]
+    assert_exactly_once(redis_client, job, out)
+
+
+def test_sigterm_drains_every_worker_then_another_run_finishes_exactly_once(
+        redis_client: redis.Redis, job: JobKeys, redis_url: str, tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "node.log"
+    args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
+            "--lease-seconds", "2", "--window-docs", "200"]
+    node = embedq_process(*args, log=log)
+    wait_until(lambda: committed(redis_client, job) > 0, 120, "a first commit")
+    node.send_signal(signal.SIGTERM)
+    assert node.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("stopped by signal") == 2, text[-3000:]  # both drained, none killed
+    assert committed(redis_client, job) < N_DOCS, "the drain stopped the job before its end"
+    finisher = embedq_process(*args, log=log)
+    assert finisher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_exactly_once(redis_client, job, out)
+
+
+def test_a_configuration_error_stops_the_node_without_restarts(redis_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    node = embedq_process("work", "--workers", "2", "--device", "cpu", "--job", "no-such-job", "--no-wait",
+                          "--out", str(tmp_path / "out"), "--redis", redis_url, log=log)
+    code = node.wait(timeout=120)
+    text = log.read_text()
+    assert code == 2 and "restarting" not in text, text[-3000:]
+
+
+def test_the_child_command_forwards_the_log_flags() -> None:
+    captured: list[list[str]] = []
+    app = typer.Typer()
+
+    @app.callback()
+    def main(verbose: int = typer.Option(0, "-v", count=True), quiet: bool = False,
+             log_format: str = "text") -> None:
+        pass
+
+    @app.command()
+    def work(ctx: typer.Context) -> None:
+        captured.append(child_command(ctx, "j", "o", wait=False))
+
+    assert CliRunner().invoke(app, ["-v", "-v", "--log-format", "json", "work"]).exit_code == 0
+    assert captured[0][3:] == ["-v", "-v", "--log-format", "json", "work", "--job", "j", "--out", "o", "--no-wait"]
