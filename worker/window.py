@@ -121,9 +121,15 @@ class Window:
     def assemble(cls, deliveries: Sequence[Delivery], *, job: str, rules: DocumentRules, worker: str,
                  ledger: EntryLedger | None = None) -> Window:
         """Decode and validate deliveries into a window (texts not yet tokenized); with the `ledger`
-        of their entries, an entry embedq did not add is set aside, never embedded."""
+        of their entries, an entry embedq did not add is set aside, never embedded. An entry
+        delivered twice is taken once: when Redis loses a delivery it acknowledged (a restart from
+        an AOF a second behind), a read retried in the same window gets that entry again as new."""
         window = cls()
+        taken: set[str] = set()
         for delivery in deliveries:
+            if delivery.entry_id in taken:
+                continue
+            taken.add(delivery.entry_id)
             try:
                 if delivery.raw is None:
                     raise ProtocolError("stream entry has no payload field", code=NO_PAYLOAD)

@@ -133,3 +133,16 @@ def test_unusable_documents_become_dead_letters_and_their_batch_mates_stay() -> 
     reasons = {letter.reason: letter.doc_ids for letter in window.dead}
     assert reasons == {"empty text": ["empty"], "document over the size limit": ["huge"],
                        "id of the wrong type (the job's ids are string)": [7]}
+
+
+def test_an_entry_delivered_twice_in_one_read_round_is_taken_once() -> None:
+    """Redis lost a delivery it had acknowledged, and the worker's retried read got the same entry
+    again as new (seen in tests/worker/test_lost_writes.py): the window must not embed it twice."""
+    from embedq.protocol import encode_batch
+    from embedq.worker.consumer import Delivery
+
+    raw = [encode_batch(message(k, [3, 4])) for k in range(2)]
+    deliveries = [Delivery("1-0", raw[0], 1), Delivery("2-0", raw[1], 1), Delivery("1-0", raw[0], 1)]
+    window = Window.assemble(deliveries, job="j", rules=RULES, worker="w")
+    assert [e.entry_id for e in window.entries] == ["1-0", "2-0"]
+    assert window.all_entry_ids == ["1-0", "2-0"]
