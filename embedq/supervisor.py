@@ -201,7 +201,7 @@ class Supervisor:
         child.process = subprocess.Popen(
             self._command(slot), env=self._environment(slot), start_new_session=True, stdout=self._output,
             stderr=None if self._output is None else subprocess.STDOUT,
-            preexec_fn=_pin_and_follow_parent(slot.cores))
+            preexec_fn=pin_to(slot.cores))
         log.info("%s started (pid %d%s)", slot.name, child.process.pid,
                  f", cores {_ranges(slot.cores)}" if slot.cores else "")
 
@@ -252,7 +252,7 @@ class Supervisor:
                 signal.signal(sig, handler)
 
 
-def _pin_and_follow_parent(cores: tuple[int, ...]) -> Callable[[], None]:
+def pin_to(cores: tuple[int, ...]) -> Callable[[], None]:
     """What the child runs before it executes: pin it to its cores, and have Linux send it SIGTERM
     (a drain) if the supervisor dies."""
     def setup() -> None:

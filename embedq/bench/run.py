@@ -17,7 +17,7 @@ from embedq.bench.precision import precision_check
 from embedq.bench.random_model import build_random_model
 from embedq.bench.report import render, save_results
 from embedq.bench.scenarios import Result, Scenario
-from embedq.model import load_model_info
+from embedq.model import ModelInfo, load_model_info
 
 log = logging.getLogger("embedq.bench")
 
@@ -38,9 +38,17 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
               limit: int | None, device: str, precision: str, redis_url: str | None, json_path: Path, plot_path: Path,
               tokenizer_processes: int, baselines: bool, token_budget: int, window_docs: int,
               check_precision: bool, cuda_graphs: bool, model_path: str | None, unpad: str = "auto",
-              out_dir: Path | None = None) -> list[Result]:
-    """The cross product of corpora x models x tokenize modes; writes JSON and the plot."""
+              out_dir: Path | None = None, gpu_counts: list[int] | None = None,
+              fleet_tokenizer_processes: int | None = None) -> list[Result]:
+    """The cross product of corpora x models x tokenize modes; writes JSON and the plot. With
+    `gpu_counts`, each scenario runs on that many GPUs instead (`fleet`), with no baselines."""
     base = load_model_info(model_path)
+    if gpu_counts:
+        _run_fleet_bench(corpora, models, tokenize, base, repeat=repeat, limit=limit, device=device,
+                         precision=precision, redis_url=redis_url, json_path=json_path, token_budget=token_budget,
+                         window_docs=window_docs, cuda_graphs=cuda_graphs, unpad=unpad, out_dir=out_dir,
+                         gpu_counts=gpu_counts, tokenizer_processes=fleet_tokenizer_processes)
+        return []
     results: list[Result] = []
     precision_report: dict[str, float] | None = None
     with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp, bench_redis(redis_url) as url:
@@ -68,3 +76,28 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
     plot({r.scenario.label: r.timeline for r in results}, plot_path)
     print(render(results, precision_report))
     return results
+
+
+def _run_fleet_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list[str], base: ModelInfo, *,
+                     repeat: int, limit: int | None, device: str, precision: str, redis_url: str | None,
+                     json_path: Path, token_budget: int, window_docs: int, cuda_graphs: bool, unpad: str,
+                     out_dir: Path | None, gpu_counts: list[int], tokenizer_processes: int | None) -> None:
+    from embedq.bench.fleet import FleetResult, render_fleet, run_fleet
+
+    results: list[FleetResult] = []
+    with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp, bench_redis(redis_url) as url:
+        work = Path(tmp)
+        for model_name in models:
+            model = base if model_name == "minilm" else load_model_info(
+                build_random_model(work / model_name, model_name, base))
+            for corpus_name, corpus_path in corpora:
+                for mode in tokenize:
+                    scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
+                                        repeat=repeat, limit=limit, device=device, precision=precision,
+                                        cuda_graphs=cuda_graphs, unpad=unpad)
+                    log.info("bench: %s on %s GPU(s)", scenario.label, ", ".join(map(str, gpu_counts)))
+                    results += run_fleet(scenario, model, corpus_path, url, work, gpu_counts=gpu_counts,
+                                         out_dir=out_dir or work, tokenizer_processes=tokenizer_processes,
+                                         token_budget=token_budget, window_docs=window_docs)
+                    json_path.write_text(json.dumps({"fleet": [r.summary() for r in results]}, indent=1))
+    print(render_fleet(results))

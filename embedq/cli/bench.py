@@ -67,6 +67,10 @@ def bench(
     replot: Annotated[list[str] | None, typer.Option(
         "--replot", help="Only draw --plot again from saved --json results (repeatable); runs nothing.",
         metavar="FILE", show_default=False)] = None,
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="Run each scenario on this many GPUs of this node instead, one worker process per GPU, "
+        "comma-separated counts (1,2); 1 always runs first, for the scaling efficiency. No baselines.",
+        metavar="N,N,...", show_default="one in-process worker")] = None,
     redis: Annotated[str | None, typer.Option(
         "--redis", help="Redis URL to use.", metavar="URL",
         show_default="a private redis-server, so its memory figures are the benchmark's")] = None,
@@ -80,6 +84,7 @@ def bench(
 
         draw([Path(p) for p in replot], Path(plot_out))
         return
+    gpu_counts = _gpu_counts(gpus, device)
     _check_device(device)
     corpora = _corpora(corpus or _CORPORA, corpus_dir)
     models = model_names or _MODELS
@@ -94,8 +99,27 @@ def bench(
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,
               check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
-              unpad=unpad,
-              out_dir=Path(out_dir) if out_dir else None)
+              unpad=unpad, out_dir=Path(out_dir) if out_dir else None, gpu_counts=gpu_counts,
+              fleet_tokenizer_processes=tokenizer_processes)
+
+
+def _gpu_counts(spec: str | None, device: str) -> list[int] | None:
+    """--gpus 1,2 -> [1, 2], checked against this machine's GPUs (on --device cpu: worker processes)."""
+    if spec is None:
+        return None
+    try:
+        counts = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--gpus takes GPU counts such as 1,2; got {spec!r}") from None
+    if not counts or counts[0] < 1:
+        raise UsageError(f"--gpus takes GPU counts of at least 1; got {spec!r}")
+    if device.startswith("cuda"):
+        from embedq.engines.device import cuda_device_count
+
+        available = cuda_device_count()
+        if counts[-1] > available:
+            raise UsageError(f"--gpus {spec}: this machine has {available} CUDA GPU(s)")
+    return counts
 
 
 def _check_device(device: str) -> None:

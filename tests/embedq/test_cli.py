@@ -166,3 +166,21 @@ def test_bench_runs_end_to_end_on_cpu_and_writes_json_and_a_plot(tmp_path: Path,
                for r in results[:1])
     assert all(1.0 <= r["padding_ratio"] < 1.2 for r in results)
     assert out_png.stat().st_size > 10_000 and "| tiny / glosses x1 / pretokenized" in result.stdout
+
+
+def test_bench_gpus_runs_one_worker_process_per_device_and_reports_scaling(tmp_path: Path, corpus_dir: Path,
+                                                                           redis_url: str) -> None:
+    """`--gpus 2` on CPU: the fleet path (processes, the go barrier, aggregate figures, verify) with
+    two CPU worker processes; 1 runs first as the baseline of the scaling efficiency."""
+    out_json = tmp_path / "fleet.json"
+    result = embedq("bench", "--gpus", "2", "--device", "cpu", "--precision", "fp32", "--model", "tiny", "--corpus",
+                    f"glosses={corpus_dir / 'glosses.parquet'}", "--limit", "2000", "--tokenize", "producer",
+                    "--tokenizer-processes", "0", "--token-budget", "4096", "--window-docs", "500",
+                    "--json", str(out_json), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fleet = json.loads(out_json.read_text())["fleet"]
+    assert [r["gpus"] for r in fleet] == [1, 2]
+    assert all(r["documents"] == 2000 and r["verify_ok"] and r["tokens_per_s"] > 0 for r in fleet)
+    assert fleet[0]["scaling_efficiency"] is None and fleet[1]["scaling_efficiency"] > 0
+    assert len(fleet[1]["workers"]) == 2 and len({w["worker"] for w in fleet[1]["workers"]}) == 2
+    assert "| tiny / glosses x1 / pretokenized | 2 |" in result.stdout

@@ -1,0 +1,100 @@
+"""One worker of `embedq bench --gpus N`, in its own process: `python -m embedq.bench.fleet_worker SPEC`.
+
+It builds and warms its engine, says it is ready, waits for the go that the bench gives every
+worker at once, runs the real worker over the job until it is complete, and prints its figures as
+one JSON line. Timing starts at the go, so each GPU is timed as `embedq bench` times one: from a
+warm engine over a filled stream, with no start-up in the figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class FleetWorkerSpec:
+    """What one bench worker runs: the job, the model, its device and engine, its tokenizer pool."""
+
+    redis_url: str
+    job: str
+    ready_key: str
+    go_key: str
+    model_path: str
+    out_dir: str
+    device: str
+    precision: str
+    token_budget: int
+    seq_lens: tuple[int, ...]
+    cuda_graphs: bool
+    unpad: str
+    pretokenize: bool
+    window_docs: int
+    tokenizer_processes: int | None  # None: the worker's default for its share of the cores
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> FleetWorkerSpec:
+        data = json.loads(text)
+        data["seq_lens"] = tuple(data["seq_lens"])
+        return cls(**data)
+
+
+READY_TIMEOUT_S = 600  # building engines (CUDA graphs for every profile) takes tens of seconds
+
+
+def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
+    """Warm up, wait for the go, work the job to its end; the figures of this worker."""
+    import redis
+
+    from embedq.bench.end_to_end import JOB_SETTINGS
+    from embedq.bench.scenarios import BENCH_BACKEND
+    from embedq.engines.device import peak_memory_allocated
+    from embedq.engines.factory import EngineSpec, engine_for
+    from embedq.job import require
+    from embedq.keys import JobKeys
+    from embedq.model import load_model_info
+    from embedq.tokenization import TokenizerPool, default_tokenizer_processes
+    from embedq.worker.output import open_output
+    from embedq.worker.worker import Worker, WorkerOptions
+
+    client = redis.Redis.from_url(spec.redis_url)
+    keys = JobKeys(spec.job)
+    model = load_model_info(spec.model_path)
+    record = require(client, keys)
+    engine_spec = EngineSpec(backend=BENCH_BACKEND, device=spec.device, precision=spec.precision,
+                             token_budget=spec.token_budget, seq_lens=spec.seq_lens, cuda_graphs=spec.cuda_graphs,
+                             unpad=spec.unpad)
+    processes = spec.tokenizer_processes
+    if processes is None:
+        processes = default_tokenizer_processes(spec.device, model.tokenizer_file)
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(engine_for(model, engine_spec))
+        pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
+        worker = Worker(client, keys, record, model, engine, open_output(spec.out_dir),
+                        WorkerOptions.from_settings(JOB_SETTINGS, window_docs=spec.window_docs),
+                        encode=None if spec.pretokenize else pool.encode)
+        client.rpush(spec.ready_key, worker.id)
+        if client.blpop([spec.go_key], timeout=READY_TIMEOUT_S) is None:
+            raise TimeoutError(f"no go within {READY_TIMEOUT_S} s")
+        started = time.time()
+        report = worker.run(install_signals=False)
+        ended = time.time()
+        return {"worker": worker.id, "device": spec.device, "documents": report.documents, "tokens": report.tokens,
+                "started": started, "ended": ended, "tokenizer_processes": processes,
+                "padding_ratio": report.engine.padding_ratio, "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0}
+
+
+def main() -> None:
+    spec = FleetWorkerSpec.from_json(sys.argv[1])
+    figures = run(spec)
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
