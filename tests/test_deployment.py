@@ -128,6 +128,23 @@ def test_the_worker_unit_outlasts_the_drain_and_restarts_on_failure_with_limits(
         str(UsageError.exit_code), str(JobMismatch.exit_code)}
 
 
+def test_the_node_unit_supervises_every_gpu_and_lets_the_supervisor_forward_the_stop() -> None:
+    from embedq.errors import ModelError
+    from embedq.supervisor import FATAL_EXIT_CODES
+
+    node = unit("embedq-node.service")
+    assert one(node, "Service.User") not in ("root", "0")
+    start = one(node, "Service.ExecStart")
+    assert "work --gpus all" in start and "--device" not in start
+    drain = re.search(r"--shutdown-timeout (\d+)", start)
+    assert drain is not None and int(one(node, "Service.TimeoutStopSec")) > float(drain.group(1))
+    # SIGTERM to the supervisor only: a worker signalled twice stops at once instead of draining.
+    assert one(node, "Service.KillMode") == "mixed" and one(node, "Service.KillSignal") == "SIGTERM"
+    assert one(node, "Unit.Conflicts") == "embedq-worker.target"
+    assert set(one(node, "Service.RestartPreventExitStatus").split()) == {str(c) for c in FATAL_EXIT_CODES} == {
+        str(UsageError.exit_code), str(ModelError.exit_code), str(JobMismatch.exit_code)}
+
+
 def test_the_producer_unit_runs_as_a_service_user_and_restarts_on_failure() -> None:
     producer = unit("embedq-produce@.service")
     assert one(producer, "Service.User") not in ("root", "0")
