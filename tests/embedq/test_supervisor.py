@@ -122,9 +122,9 @@ def test_embedq_work_workers_3_finishes_the_job_exactly_once(redis_client: redis
     assert node.wait(timeout=300) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert len(set(re.findall(r"worker \d \(cpu\) started \(pid (\d+)", text))) == 3, text[-3000:]
-    assert "node: 3 workers, all finished, 0 restart(s)" in text
+    assert "node: 3 workers, all finished, 0 restart(s)" in text, text[-6000:]
     workers = set(re.findall(r"worker (\S+): [\d,]+ documents", text))
-    assert len(workers) == 3, "each child is a worker of its own"
+    assert len(workers) == 3, f"each child is a worker of its own: {text[-6000:]}"
     assert_exactly_once(redis_client, job, out)
 
 
@@ -193,3 +193,32 @@ def test_the_child_command_forwards_the_log_flags() -> None:
 
     assert CliRunner().invoke(app, ["-v", "-v", "--log-format", "json", "work"]).exit_code == 0
     assert captured[0][3:] == ["-v", "-v", "--log-format", "json", "work", "--job", "j", "--out", "o", "--no-wait"]
+
+
+def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis, job: JobKeys, redis_url: str,
+                                                     tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no time to forward anything: Linux's parent-death signal drains
+    the children, so no worker is left running without its supervisor."""
+    out, log = tmp_path / "out", tmp_path / "node.log"
+    args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
+            "--lease-seconds", "2", "--window-docs", "200"]
+    node = embedq_process(*args, log=log)
+    wait_until(lambda: committed(redis_client, job) > 0, 120, "a first commit")
+    pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log.read_text())]
+    assert len(pids) == 2
+    node.kill()
+    node.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (reaped by init shortly) counts as gone
+            return stat.read().split(") ", 1)[1].startswith("Z")
+
+    wait_until(lambda: all(gone(pid) for pid in pids), 120, "both workers to drain and exit")
+    assert log.read_text().count("stopped by signal") == 2
+    finisher = embedq_process(*args, log=log)
+    assert finisher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert_exactly_once(redis_client, job, out)
