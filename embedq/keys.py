@@ -67,6 +67,15 @@ class JobKeys:
         gone has stalled, and `status` says which command finishes it."""
         return self._key("producer:lock")
 
+    def producer_slice(self, index: int, count: int) -> str:
+        """The cursor of slice `index` of `count` (hash), when several producers publish one job,
+        each a slice of the source (`embedq.producer.slices`)."""
+        return self._key(f"producer:slice:{index}:{count}")
+
+    def producer_slice_lock(self, index: int, count: int) -> str:
+        """Held while the producer of slice `index` of `count` runs, as `producer_lock` is for one."""
+        return self._key(f"producer:slice:{index}:{count}:lock")
+
     @property
     def ledger(self) -> str:
         """The stream entries embedq itself added (hash: entry id -> sequence number): written by

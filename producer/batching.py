@@ -56,13 +56,17 @@ class BatchRules:
 
 
 def plan_batches(source: Source, rules: BatchRules, *, start_seq: int = 0, start_pos: int = 0,
-                 chunk_size: int = 8192) -> Iterator[PlannedBatch]:
-    """Batches of `source` from cursor (start_seq, start_pos) to the end."""
+                 stop_pos: int | None = None, chunk_size: int = 8192) -> Iterator[PlannedBatch]:
+    """Batches of `source` from cursor (start_seq, start_pos) to the end, or to `stop_pos` (a slice's)."""
     byte_cap = rules.limits.max_message_bytes // 2
     batch = PlannedBatch(seq=start_seq, pos=start_pos, next_pos=start_pos)
     for chunk in source.chunks(start=start_pos, chunk_size=chunk_size):
+        if stop_pos is not None and chunk.pos >= stop_pos:
+            break
         for i, (doc_id, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
             position = chunk.pos + i
+            if stop_pos is not None and position >= stop_pos:
+                break
             size = len(text.encode("utf-8", "surrogatepass"))
             if batch.ids and batch.text_bytes + size > byte_cap:
                 yield batch

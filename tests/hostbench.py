@@ -23,12 +23,22 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedq.engines.base import EngineBase, EngineConfig, Pending, check_batch
+from embedq.engines.base import EngineBase, EngineConfig, Pending, Profile, check_batch
+
+if TYPE_CHECKING:
+    import redis
+
+    from embedq.job import JobRecord
+    from embedq.keys import JobKeys
+    from embedq.model import ModelInfo
+    from embedq.worker.options import WorkerOptions
+    from embedq.worker.worker import Worker
 
 _DEVICE = r"""
 import struct, sys, time
@@ -120,44 +130,67 @@ class _Later:
         return self._value
 
 
+def fitted_profiles(model: ModelInfo, texts: list[str], token_budget: int) -> list[Profile]:
+    """The profile table `embedq profile` would fit to these texts (what a tuned GPU worker runs)."""
+    from embedq.engines.profiles import fit_seq_lens, profile_table
+    from embedq.tokenization import Tokenizer
+
+    lengths = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(texts).lengths
+    return profile_table(model.max_seq_len, token_budget, fit_seq_lens(lengths, model.max_seq_len))
+
+
+@contextlib.contextmanager
+def simulated_worker(client: redis.Redis, keys: JobKeys, record: JobRecord, model: ModelInfo,
+                     profiles: list[Profile], rate: float, output: Path, options: WorkerOptions) -> Iterator[Worker]:
+    """The real worker on a `SimulatedDevice` of `rate` padded tokens/s, with the tokenizer pool a
+    GPU node starts when the job is not pretokenized; the device and the pool end with the block."""
+    from embedq.tokenization import TokenizerPool, default_tokenizer_processes
+    from embedq.worker.output import open_output
+    from embedq.worker.worker import Worker
+
+    with contextlib.ExitStack() as stack:
+        encode = None
+        if not record.pretokenized:
+            processes = default_tokenizer_processes("cuda", model.tokenizer_file)
+            encode = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes)).encode
+        device = stack.enter_context(SimulatedDevice(EngineConfig(model=model, profiles=profiles), rate))
+        yield Worker(client, keys, record, model, device, open_output(output), options, encode=encode)
+
+
 def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_docs: int, token_budget: int,
         commit_threads: int, redis_url: str, work_dir: Path) -> dict[str, Any]:
     """Publish the corpus, then time one worker over it against the simulated device."""
     import redis as redis_lib
 
     from embedq.bench import load_corpus, write_corpus
-    from embedq.engines.profiles import fit_seq_lens, profile_table
     from embedq.keys import JobKeys
     from embedq.model import default_model_path, load_model_info
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
-    from embedq.tokenization import Tokenizer, TokenizerPool, default_tokenizer_processes
-    from embedq.worker.output import open_output
-    from embedq.worker.worker import Worker, WorkerOptions
+    from embedq.tokenization import TokenizerPool, default_tokenizer_processes
+    from embedq.worker.worker import WorkerOptions
 
     model = load_model_info(default_model_path())
     ids, texts = load_corpus(corpus, repeat)
     source = work_dir / f"hostbench-{uuid.uuid4().hex[:6]}.parquet"
     write_corpus(source, ids, texts)
-    lengths = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(texts[: len(texts) // repeat]).lengths
-    profiles = profile_table(model.max_seq_len, token_budget, fit_seq_lens(lengths, model.max_seq_len))
+    profiles = fitted_profiles(model, texts[: len(texts) // repeat], token_budget)
     client = redis_lib.Redis.from_url(redis_url)
     keys = JobKeys(f"hostbench-{uuid.uuid4().hex[:8]}")
-    device = SimulatedDevice(EngineConfig(model=model, profiles=profiles), rate)
+    options = WorkerOptions(window_docs=window_docs, prefetch=3, lease_seconds=60, commit_threads=commit_threads)
     try:
         with contextlib.ExitStack() as stack:
+            src = stack.enter_context(open_source(SourceSpec(str(source))))
             pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len,
                                                      default_tokenizer_processes("cuda", model.tokenizer_file)))
-            src = stack.enter_context(open_source(SourceSpec(str(source))))
             producer = Producer(client, keys, src, model, ProducerOptions(backlog=10**9),
                                 tokenizer=pool if pretokenize else None)
             record = producer.prepare()
             producer.run()
-            worker = Worker(client, keys, record, model, stack.enter_context(device),
-                            open_output(work_dir / f"out-{keys.job}"),
-                            WorkerOptions(window_docs=window_docs, prefetch=3, lease_seconds=60,
-                                          commit_threads=commit_threads),
-                            encode=None if pretokenize else pool.encode)
+            pool.close()  # the worker starts its own when it tokenizes
+            worker = stack.enter_context(simulated_worker(client, keys, record, model, profiles, rate,
+                                                          work_dir / f"out-{keys.job}", options))
+            device = worker.engine
             started = time.perf_counter()
             report = worker.run(install_signals=False)
             seconds = time.perf_counter() - started
@@ -165,6 +198,7 @@ def run(corpus: Path, repeat: int, rate: float, *, pretokenize: bool, window_doc
         for key in client.scan_iter(match=f"*{{{keys.job}}}*"):
             client.delete(key)
         source.unlink()
+    assert isinstance(device, SimulatedDevice)
     ceiling = report.engine.padded_tokens / rate
     return {"corpus": corpus.stem, "documents": report.documents, "tokens": report.tokens, "seconds": seconds,
             "docs_per_s": report.documents / seconds, "tokens_per_s": report.tokens / seconds,

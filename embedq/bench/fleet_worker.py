@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,22 @@ def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
                         WorkerOptions.from_settings(JOB_SETTINGS, window_docs=spec.window_docs),
                         encode=None if spec.pretokenize else pool.encode)
         client.rpush(spec.ready_key, worker.id)
-        if client.blpop([spec.go_key], timeout=READY_TIMEOUT_S) is None:
-            raise TimeoutError(f"no go within {READY_TIMEOUT_S} s")
+        _wait_for_go(client, spec.go_key)
         started = time.time()
         report = worker.run(install_signals=False)
         ended = time.time()
         return {"worker": worker.id, "device": spec.device, "documents": report.documents, "tokens": report.tokens,
                 "started": started, "ended": ended, "tokenizer_processes": processes,
                 "padding_ratio": report.engine.padding_ratio, "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0}
+
+
+def _wait_for_go(client: Any, go_key: str) -> None:
+    """BLPOP in 1 s steps: redis-py 8 gives up on a socket read after 5 s, and the others' engines
+    can take longer than that to warm up."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while client.blpop([go_key], timeout=1) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go within {READY_TIMEOUT_S} s")
 
 
 def main() -> None:

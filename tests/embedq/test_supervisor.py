@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from embedq.config import Settings, load_settings
 from embedq.errors import UsageError
 from embedq.keys import JobKeys
 from embedq.model import load_model_info
+from embedq.producer.slices import Slice
 from embedq.supervisor import Backoff, Slot, Supervisor, parse_gpus, plan_slots
 from embedq.verify import verify_job
 from tests.support import committed, embedq_process, produce, wait_until, write_jsonl
@@ -92,6 +94,23 @@ def job(redis_client: redis.Redis, job_name: str, tiny_model: Path, tmp_path: Pa
     return keys
 
 
+@pytest.fixture
+def half_job(redis_client: redis.Redis, job_name: str, tiny_model: Path, tmp_path: Path,
+             gloss_texts: list[str]) -> tuple[JobKeys, Callable[[], None]]:
+    """A job whose producer has published only the first half so far (slice 0 of 2): workers embed
+    it, then wait for more, so a signal finds them alive whatever the machine's speed; and the
+    function that publishes the rest."""
+    keys = JobKeys(job_name)
+    source = write_jsonl(tmp_path / "docs.jsonl", list(range(N_DOCS)), gloss_texts[:N_DOCS])
+    model = load_model_info(tiny_model)
+    produce(redis_client, keys, model, source, batch_size=100, part=Slice(0, 2))
+
+    def publish_the_rest() -> None:
+        produce(redis_client, keys, model, source, batch_size=100, part=Slice(1, 2))
+
+    return keys, publish_the_rest
+
+
 def children_env(redis_url: str) -> dict[str, str]:
     return {**os.environ, "EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_BACKEND": "torch", "PYTHONUNBUFFERED": "1"}
 
@@ -153,17 +172,19 @@ def test_a_killed_worker_is_restarted_and_the_job_completes_exactly_once(
 
 
 def test_sigterm_drains_every_worker_then_another_run_finishes_exactly_once(
-        redis_client: redis.Redis, job: JobKeys, redis_url: str, tmp_path: Path) -> None:
+        redis_client: redis.Redis, half_job: tuple[JobKeys, Callable[[], None]], redis_url: str,
+        tmp_path: Path) -> None:
+    job, publish_the_rest = half_job
     out, log = tmp_path / "out", tmp_path / "node.log"
     args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
             "--lease-seconds", "2", "--window-docs", "200"]
     node = embedq_process(*args, log=log)
-    wait_until(lambda: committed(redis_client, job) > 0, 120, "a first commit")
+    wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
     node.send_signal(signal.SIGTERM)
     assert node.wait(timeout=120) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert text.count("stopped by signal") == 2, text[-3000:]  # both drained, none killed
-    assert committed(redis_client, job) < N_DOCS, "the drain stopped the job before its end"
+    publish_the_rest()
     finisher = embedq_process(*args, log=log)
     assert finisher.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert_exactly_once(redis_client, job, out)
@@ -195,15 +216,17 @@ def test_the_child_command_forwards_the_log_flags() -> None:
     assert captured[0][3:] == ["-v", "-v", "--log-format", "json", "work", "--job", "j", "--out", "o", "--no-wait"]
 
 
-def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis, job: JobKeys, redis_url: str,
+def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis,
+                                                     half_job: tuple[JobKeys, Callable[[], None]], redis_url: str,
                                                      tmp_path: Path) -> None:
     """SIGKILL leaves the supervisor no time to forward anything: Linux's parent-death signal drains
     the children, so no worker is left running without its supervisor."""
+    job, publish_the_rest = half_job
     out, log = tmp_path / "out", tmp_path / "node.log"
     args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
             "--lease-seconds", "2", "--window-docs", "200"]
     node = embedq_process(*args, log=log)
-    wait_until(lambda: committed(redis_client, job) > 0, 120, "a first commit")
+    wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
     pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log.read_text())]
     assert len(pids) == 2
     node.kill()
@@ -218,7 +241,8 @@ def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis, 
             return stat.read().split(") ", 1)[1].startswith("Z")
 
     wait_until(lambda: all(gone(pid) for pid in pids), 120, "both workers to drain and exit")
-    assert log.read_text().count("stopped by signal") == 2
+    assert log.read_text().count("stopped by signal") == 2, log.read_text()[-3000:]
+    publish_the_rest()
     finisher = embedq_process(*args, log=log)
     assert finisher.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert_exactly_once(redis_client, job, out)
