@@ -7,14 +7,18 @@ documents back into the batch stream after a fix, again in one atomic step per l
 
 from __future__ import annotations
 
+import base64
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import redis
 
 from embedq.documents import EMPTY_TEXT
+from embedq.errors import UsageError
+from embedq.job import ARCHIVED_FIELD
 from embedq.keys import JobKeys
 from embedq.ledger import LEDGER_LUA, Refusal
 from embedq.protocol import SCHEMA_VERSION, BatchMessage, DocId, encode_batch
@@ -112,6 +116,11 @@ def list_dead(client: redis.Redis, keys: JobKeys, *, count: int | None = None,
             entries.extend(client.xrange(keys.dead, dead_id, dead_id))
     else:
         entries = client.xrange(keys.dead, count=count)
+    return decode_entries(entries)
+
+
+def decode_entries(entries: Iterable[tuple[Any, Mapping[bytes, bytes]]]) -> list[DeadEntry]:
+    """Dead letters from the dead stream's entries as XRANGE returns them (entries of other shape skipped)."""
     out = []
     for dead_id, fields in entries:
         raw = fields.get(DEAD_FIELD)
@@ -129,9 +138,26 @@ def summary(entry: DeadEntry) -> dict[str, object]:
             "failed_at": letter.failed_at, "code": letter.code}
 
 
-_REPLAY = LEDGER_LUA + """
+def file_row(entry: DeadEntry) -> dict[str, object]:
+    """A dead letter as a row of the output's `_dead_letters.jsonl`: its summary and its payload
+    (base64), so the file holds all of it and Redis may let its copy expire (`worker/archive.py`)."""
+    return {**summary(entry), "payload": base64.b64encode(entry.letter.payload).decode("ascii")}
+
+
+def from_file_row(row: Mapping[str, Any], job: str) -> DeadEntry:
+    """The dead letter a `file_row` holds (a row written before payloads were kept: without one)."""
+    names = set(DeadLetter.__struct_fields__) - {"job", "payload"}
+    letter = DeadLetter(job=job, payload=base64.b64decode(row.get("payload") or ""),
+                        **{name: row[name] for name in names if name in row})
+    return DeadEntry(str(row["dead_id"]), letter)
+
+
+_REPLAY = LEDGER_LUA + f"""
 -- KEYS: 1 dead stream, 2 batch stream, 3 stats, 4 ledger.  ARGV: 1 dead id, 2 payload, 3 documents, 4 seq
 -- The entry it adds is recorded in the ledger under the letter's seq, as the producer's would be.
+-- An archived job (`embedq.job.ARCHIVED_FIELD`) must first be restored from its output, so that
+-- its manifest and dead letters are whole and lose their TTL before the job changes again.
+if redis.call('HEXISTS', KEYS[3], '{ARCHIVED_FIELD}') == 1 then return -1 end
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
 ledger_add(KEYS[2], KEYS[4], ARGV[4], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
@@ -177,6 +203,11 @@ def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, 
             continue
         moved = script(keys=[keys.dead, keys.stream, keys.stats, keys.ledger],
                        args=[entry.dead_id, encode_batch(message), len(message.ids), message.seq])
+        if int(moved) < 0:
+            raise UsageError(
+                f"Job {keys.job!r} was archived (its dead letters are kept in the output, and Redis lets its copy "
+                f"expire), {replayed:,} documents replayed before that: run `embedq dead-letter replay --job "
+                f"{keys.job}` again; it restores them from the output first.")
         if moved:
             replayed += len(message.ids)
     return replayed, skipped

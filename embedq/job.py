@@ -21,6 +21,7 @@ from embedq.errors import JobMismatch, ModelError, UsageError
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo, default_model_path
 from embedq.protocol import SCHEMA_VERSION, Limits
+from embedq.quantization import OutputFormat, from_record
 
 _RECORD_FIELD = "record"
 
@@ -50,18 +51,35 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     allow_duplicate_ids: bool = False
     created_at: float = 0.0
     embedq_version: str = __version__
+    # The prompt before every text (counted in its tokens), and whether pooling takes its tokens in.
+    prompt: str = ""
+    prompt_name: str = ""
+    include_prompt: bool = True
+    # The stored vectors (`embedq.quantization.OutputFormat`), fixed here so every worker writes alike.
+    output_dtype: str = "float32"
+    truncate_dim: int | None = None
+    quantization_ranges: list[list[float]] | None = None
+    calibration: str = ""
 
     @property
     def limits(self) -> Limits:
         return Limits(max_message_bytes=self.max_message_bytes, max_doc_bytes=self.max_doc_bytes)
 
+    def output_format(self) -> OutputFormat:
+        """How this job's vectors are stored: every worker writes them alike."""
+        return from_record(self.output_dtype, self.truncate_dim, self.normalize, self.quantization_ranges,
+                           self.calibration)
+
     def model_fields(self) -> dict[str, Any]:
         return {"model": self.model, "model_digest": self.model_digest, "dimension": self.dimension,
-                "pooling": self.pooling, "normalize": self.normalize, "max_seq_len": self.max_seq_len}
+                "pooling": self.pooling, "normalize": self.normalize, "max_seq_len": self.max_seq_len,
+                "prompt": self.prompt, "include_prompt": self.include_prompt}
 
 
 # Fields that may differ between a job's first producer run and a resumed one.
-_MAY_DIFFER = frozenset({"created_at", "embedq_version", "model_path", "source", "source_spec"})
+# (prompt_name and calibration only describe the prompt and the ranges, which are compared.)
+_MAY_DIFFER = frozenset({"created_at", "embedq_version", "model_path", "source", "source_spec", "prompt_name",
+                         "calibration"})
 
 
 def new_record(job: str, model: ModelInfo, **fields: Any) -> JobRecord:
@@ -69,6 +87,7 @@ def new_record(job: str, model: ModelInfo, **fields: Any) -> JobRecord:
     return JobRecord(job=job, model_path=str(model.path), created_at=time.time(), **{
         "model": model.name, "model_digest": model.digest, "dimension": model.dim,
         "pooling": model.pooling.value, "normalize": model.normalize, "max_seq_len": model.max_seq_len,
+        "prompt": model.prompt, "prompt_name": model.prompt_name or "", "include_prompt": model.include_prompt,
         **fields,
     })
 
@@ -167,33 +186,53 @@ job_complete = job_settled  # the worker's, `gc`'s and `verify`'s name for it: "
 
 # What a finished job no longer needs in Redis: bookkeeping per stream entry, read only while
 # entries are in flight (the ledger of entries embedq added, failure and crash counts, the staged
-# parts recovery condemned). The record, counters, producer cursor, manifest, dead letters and the
-# stream with its group stay, for `status`, `verify`, `gc` and `dead-letter replay`; a replay adds
-# its entries and their ledger rows afresh. One script, so it cannot interleave with a replay.
+# parts recovery condemned). And what the output location now records (`_manifest.json`,
+# `_dead_letters.jsonl` with each letter's payload): the manifest hash and the dead-letter stream get
+# a TTL, and `ARCHIVED_FIELD` in the stats hash says so. The record, counters, producer cursor and the
+# empty stream with its group stay for good, so `status` still knows the job and says it is complete.
+# One script, so it cannot interleave with a replay; it acts only on a final job with nothing queued.
+#
+# The invariant (`embedq.worker.archive` keeps the other half): the manifest and the dead letters
+# carry a TTL, or are gone, only while `ARCHIVED_FIELD` is set, and it is set only here, when the job
+# is final and its files written. Whatever reads or changes them afterwards (recovery, finalization,
+# `verify`, `gc`, a starting worker, `dead-letter replay`) first restores them from the output,
+# removes their TTL and clears the field, in one script; the replay script refuses an archived job.
+# So a job that changes again (a replay, then its settles) always has whole copies without a TTL.
+ARCHIVED_FIELD = "archived_until"  # stats hash: the unix time the manifest and dead letters expire
+
 _COMPACT = f"""
--- KEYS: 1 stream, 2 stats, 3.. the keys to drop.  Only once the job's output is final and nothing is queued.
+-- KEYS: 1 stream, 2 stats, 3 manifest, 4 dead, 5.. the keys to drop.  ARGV: 1 TTL (0: keep), 2 when it ends
 if redis.call('XLEN', KEYS[1]) ~= 0 or redis.call('HGET', KEYS[2], '{FINALIZED_FIELD}') ~= '1' then return -1 end
 local dropped = 0
-for i = 3, #KEYS do dropped = dropped + redis.call('DEL', KEYS[i]) end
+for i = 5, #KEYS do dropped = dropped + redis.call('DEL', KEYS[i]) end
+if tonumber(ARGV[1]) > 0 then
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
+  redis.call('HSET', KEYS[2], '{ARCHIVED_FIELD}', ARGV[2])
+end
 return dropped
 """
 
 
-def compact_finished(client: redis.Redis, keys: JobKeys) -> tuple[int | None, int | None] | None:
-    """Drop what a finished job no longer needs from Redis; the job's memory (bytes) before and
-    after (None where Redis does not let this user ask), or None if the job is not final (then
-    nothing is dropped)."""
+def compact_finished(client: redis.Redis, keys: JobKeys, *, ttl: int = Settings.finished_ttl
+                     ) -> tuple[int | None, int | None] | None:
+    """Drop what a finished job no longer needs from Redis, and give what its output records a TTL
+    of `ttl` seconds (0: none); the job's memory (bytes) before and after (None where Redis does not
+    let this user ask), or None if the job is not final (then nothing changes). Call it only once
+    `_manifest.json` and `_dead_letters.jsonl` are written (`finalize.finalize_output`)."""
     before = job_memory(client, keys)
     spent = [keys.ledger, keys.failures, keys.crashes, keys.condemned]
-    if int(client.register_script(_COMPACT)(keys=[keys.stream, keys.stats, *spent])) < 0:
+    compacted = client.register_script(_COMPACT)(keys=[keys.stream, keys.stats, keys.manifest, keys.dead, *spent],
+                                                 args=[ttl, f"{time.time() + ttl:.0f}"])
+    if int(compacted) < 0:
         return None
     return before, job_memory(client, keys)
 
 
 def job_memory(client: redis.Redis, keys: JobKeys) -> int | None:
     """Bytes the job's keys take in Redis (`MEMORY USAGE` of each; the workers' short-lived lease
-    and working-set keys left out), without scanning the keyspace; None where the Redis user may not
-    run MEMORY USAGE (it is not among the commands embedq needs)."""
+    and working-set keys left out), without scanning the keyspace; None where Redis refuses MEMORY
+    USAGE (not among the commands embedq needs, or renamed away by a managed Redis)."""
     names = [keys.stream, keys.meta, keys.producer, keys.producer_lock, keys.ledger, keys.manifest, keys.stats,
              keys.dead, keys.condemned, keys.failures, keys.workers, keys.crashes]
     pipe = client.pipeline(transaction=False)
@@ -201,7 +240,7 @@ def job_memory(client: redis.Redis, keys: JobKeys) -> int | None:
         pipe.memory_usage(name, samples=0)
     try:
         return sum(int(used or 0) for used in pipe.execute())
-    except redis.exceptions.NoPermissionError:
+    except redis.exceptions.ResponseError:  # NoPermissionError among them
         return None
 
 
@@ -252,6 +291,12 @@ def produce_command(record: JobRecord, keys: JobKeys) -> str:
     # The model's own defaults for these are not in the record: state them, so the command is exact.
     args += ["--pooling", record.pooling, "--normalize" if record.normalize else "--no-normalize",
              "--max-seq-len", str(record.max_seq_len)]
+    if record.prompt:
+        args += ["--prompt", record.prompt]
+    if record.output_dtype != "float32":
+        args += ["--output-dtype", record.output_dtype]
+    if record.truncate_dim is not None:
+        args += ["--truncate-dim", str(record.truncate_dim)]
     if record.batch_size != Settings.batch_size:
         args += ["--batch-size", str(record.batch_size)]
     if record.max_doc_bytes != Settings.max_doc_bytes:

@@ -50,6 +50,13 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
 
 
+def byte_size(count: int) -> str:
+    """A memory or file size: '812 B', '3.2 KiB', '14.0 MiB'."""
+    if count < 1024:
+        return f"{count:,} B"
+    return f"{count / 1024:,.1f} KiB" if count < 2**20 else f"{count / 2**20:,.1f} MiB"
+
+
 def duration(seconds: float) -> str:
     """A time left or taken: '42 s', '12:05', '3:02:01'; '--:--' when unknown."""
     if seconds != seconds or seconds < 0 or seconds == float("inf"):

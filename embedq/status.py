@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import redis
 from embedq import job as job_record
 from embedq.heartbeat import liveness, parse_time
 from embedq.keys import GROUP, JobKeys
+from embedq.progress import byte_size
 
 
 @dataclass
@@ -33,8 +35,12 @@ class JobStatus:
     committed_parts: int = 0
     tokens: int = 0
     dead_documents: int = 0
-    dead_letters: int = 0
+    dead_letters: int | None = 0  # None: Redis let them expire; the output's `_dead_letters.jsonl` lists them
     finalized: bool = False  # the output is final: every part visible, `_manifest.json` written
+    # When the finished job's manifest and dead letters leave Redis (the output records them;
+    # `embedq.job.compact_finished`), as a unix time; None while Redis keeps them.
+    archived_until: float | None = None
+    redis_bytes: int | None = None  # the job's memory in Redis; None where MEMORY USAGE is refused
     output: str = ""  # the output location the workers recorded
     # Workers holding a lease, by id: each one's last heartbeat, with its age by Redis's clock (`age_s`,
     # `stale`, `lease_expires_in_s`: `embedq.heartbeat`). A stale one still holds its entries.
@@ -138,6 +144,7 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
     def count(values: dict[bytes, bytes], name: str) -> int:
         return int(values.get(name.encode(), 0))
 
+    archived = stats.get(job_record.ARCHIVED_FIELD.encode())
     done = producer.get(b"done") == b"1"
     stalled = not done and lock is None
     return JobStatus(
@@ -147,7 +154,9 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
         producer_lock=None if lock is None else lock.decode(), stream_entries=int(stream_len),
         pending_entries=pending, committed_documents=count(stats, "docs_committed"),
         committed_parts=count(stats, "parts"), tokens=count(stats, "tokens"), dead_documents=count(stats, "docs_dead"),
-        dead_letters=int(dead_len), finalized=stats.get(job_record.FINALIZED_FIELD.encode()) == b"1",
+        dead_letters=None if archived is not None and not dead_len else int(dead_len),
+        archived_until=None if archived is None else float(archived), redis_bytes=job_record.job_memory(client, keys),
+        finalized=stats.get(job_record.FINALIZED_FIELD.encode()) == b"1",
         output=stats.get(job_record.OUTPUT_FIELD.encode(), b"").decode(),
         workers={name: {**info, **liveness(info, parse_time(server)).fields()}
                  for name, info in job_record.live_workers(client, keys).items()},
@@ -170,12 +179,13 @@ def render(status: JobStatus) -> str:
         ("in stream", f"{status.stream_entries:,} batches, {status.pending_entries:,} of them being processed"),
         ("committed", f"{status.committed_documents:,} documents in {status.committed_parts:,} parts, "
                       f"{status.tokens:,} tokens"),
-        ("dead-lettered", f"{status.dead_documents:,} documents ({status.dead_letters:,} dead letters)"),
+        ("dead-lettered", _dead_lettered(status)),
         ("workers alive", _workers_alive(status)),
         ("throughput", f"{status.docs_per_s:,.0f} documents/s, {status.tokens_per_s:,.0f} tokens/s"),
     ]
     if status.output:
         rows.append(("output", status.output + (" (final)" if status.finalized else " (not final yet)")))
+    rows.append(("redis memory", _redis_memory(status)))
     for name, info in sorted(status.workers.items()):
         rows.append((f"  {name}", f"{_worker_state(info)}, {info.get('backend', '?')} on "
                                   f"{info.get('device', '?')} {info.get('precision', '')}, "
@@ -185,6 +195,24 @@ def render(status: JobStatus) -> str:
         rows.append(("action", status.action))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _dead_lettered(status: JobStatus) -> str:
+    if status.dead_letters is not None:
+        return f"{status.dead_documents:,} documents ({status.dead_letters:,} dead letters)"
+    return f"{status.dead_documents:,} documents" + (" (listed in the output's _dead_letters.jsonl)"
+                                                     if status.dead_documents else "")
+
+
+def _redis_memory(status: JobStatus) -> str:
+    """The job's memory in Redis, and when what the output records leaves it."""
+    size = ("not known (this Redis user may not run MEMORY USAGE)" if status.redis_bytes is None
+            else byte_size(status.redis_bytes))
+    if status.archived_until is None:
+        return size
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(status.archived_until))
+    went = "left" if status.archived_until <= time.time() else "leave"
+    return f"{size}; its manifest and dead letters, which the output records, {went} Redis at {when}"
 
 
 def _workers_alive(status: JobStatus) -> str:

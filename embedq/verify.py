@@ -20,12 +20,14 @@ import pyarrow.compute as pc
 import redis
 
 from embedq import job as job_record
-from embedq.deadletter import DUPLICATE_ID, list_dead
+from embedq.config import Settings
+from embedq.deadletter import DUPLICATE_ID
 from embedq.errors import VerificationFailed
 from embedq.job import live_workers
 from embedq.keys import JobKeys
 from embedq.protocol import DocId
-from embedq.worker.commit import PartEntry, Reconciliation, reconcile, write_manifest_file
+from embedq.worker.archive import dead_letters, write_manifest_file
+from embedq.worker.commit import PartEntry, Reconciliation, reconcile
 from embedq.worker.finalize import finalize_output
 from embedq.worker.output import OutputDir, open_output, part_file
 from embedq.worker.writer import read_metadata
@@ -109,8 +111,10 @@ class Verification:
 
 
 def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | None = None,
-               allow_dead: bool = False) -> Verification:
-    """Check job `keys.job`'s output in `out` against its source; also writes `_manifest.json`."""
+               allow_dead: bool = False, finished_ttl: int = Settings.finished_ttl) -> Verification:
+    """Check job `keys.job`'s output in `out` against its source; also writes `_manifest.json`.
+    A job whose manifest and dead letters Redis has let expire is checked against the output's
+    `_manifest.json` and `_dead_letters.jsonl` (`worker/archive.py`)."""
     from embedq.job import job_complete
     from embedq.producer.sources import SourceSpec, open_source
 
@@ -118,14 +122,15 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     result = Verification(job=keys.job, allow_dead=allow_dead)
     result.complete = job_complete(client, keys)
     output = open_output(out, create=False)
-    repaired: Reconciliation = (finalize_output(client, keys, output, record) if result.complete else
+    repaired: Reconciliation = (finalize_output(client, keys, output, record, finished_ttl=finished_ttl)
+                                if result.complete else
                                 reconcile(client, keys, output, live_workers=set(live_workers(client, keys))))
     result.rolled_forward = len(repaired.rolled_forward)
     result.orphans_removed = len(repaired.orphans_set_aside)
     result.problems += [f"committed part {name} is missing from {output.location}" for name in repaired.missing]
 
     output_hashes = _check_parts(output, repaired.parts, record, result)
-    letters = list_dead(client, keys)
+    letters = dead_letters(client, keys, output=output)  # the finalization may have archived them again
     # A repeated id's letter names an id whose first occurrence is in the output: it accounts for the
     # repeat, not for a missing document.
     result.duplicates_set_aside = sum(len(e.letter.doc_ids) for e in letters if e.letter.reason == DUPLICATE_ID)
@@ -152,9 +157,9 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     elif src is not None:
         src.close()
     # The same fields as the worker's finalization writes (`finalize_output`), and the verdict.
-    dead_letters = sum(len(e.letter.doc_ids) for e in letters)
+    dead_total = sum(len(e.letter.doc_ids) for e in letters)
     write_manifest_file(output, keys.job, repaired.parts, complete=result.complete and result.ok,
-                        extra={**record.model_fields(), "dead_letters": dead_letters, "verified": result.ok})
+                        extra={**record.model_fields(), "dead_letters": dead_total, "verified": result.ok})
     return result
 
 
@@ -173,8 +178,9 @@ def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_rec
         result.parts += 1
         meta = read_metadata(table.schema)
         embedding = table.schema.field("embedding").type if "embedding" in table.schema.names else None
-        if not isinstance(embedding, pa.FixedSizeListType) or embedding.list_size != record.dimension:
-            result.problems.append(f"{file}: embedding column is {embedding}, expected {record.dimension} values")
+        width = record.output_format().width(record.dimension)  # --truncate-dim and binary types store fewer
+        if not isinstance(embedding, pa.FixedSizeListType) or embedding.list_size != width:
+            result.problems.append(f"{file}: embedding column is {embedding}, expected {width} values")
             continue
         if meta.get("job") != record.job or meta.get("model_digest") != record.model_digest:
             result.problems.append(f"{file}: metadata names job {meta.get('job')!r} / model "
@@ -182,7 +188,7 @@ def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_rec
         if table.num_rows != entry.rows:
             result.problems.append(f"{file}: {table.num_rows} rows, the manifest says {entry.rows}")
         values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        finite = np.isfinite(values.reshape(table.num_rows, record.dimension)).all(axis=1)
+        finite = np.isfinite(values.reshape(table.num_rows, width)).all(axis=1)
         result.invalid_values += int((~finite).sum())
         result.output_rows += table.num_rows
         ids = table.column("id")

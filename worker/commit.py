@@ -33,6 +33,8 @@ run at worker start, by `embedq gc`, `embedq verify` and at the job's end, `fina
   settle lost by Redis after the rename           visible, not listed         recovery sets it aside at once; redone
   settle found entries settled elsewhere          the writer deletes its .tmp no one else may ever commit that name
   job complete                                    -                           finalize.py: all writers taken for dead
+  final, and its manifest expired from Redis      -                           recovery restores it from _manifest.json
+                                                                               first (archive.py), or refuses to run
   committed, file deleted by hand                 listed, no file             an operator: `verify` lists its docs
 """
 
@@ -51,7 +53,7 @@ import redis
 from embedq import deadletter
 from embedq.keys import GROUP, JobKeys
 from embedq.ledger import LEDGER_LUA
-from embedq.worker.output import MANIFEST_FILE, OutputDir, part_file
+from embedq.worker.output import OutputDir
 from embedq.worker.window import Window
 from embedq.worker.writer import PartWriter, StagedPart
 
@@ -330,7 +332,10 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
     Redis before it is set aside, so its writer, if alive after all, cannot commit it. With
     `finished`, set-aside parts the finished job does not need are then deleted (`prune_set_aside`).
     """
+    from embedq.worker.archive import unarchive  # the archive builds on this module
+
     output.remove_stale_probes()
+    unarchive(client, keys, output)  # an archived job's manifest back from `_manifest.json`, before it is read
     visible, staged, aside = output.part_names(), output.staged_names(), output.set_aside_names()
     parts = manifest_entries(client, keys)
     report = Reconciliation(parts=parts)
@@ -370,20 +375,6 @@ def reconcile(client: redis.Redis, keys: JobKeys, output: OutputDir, *, live_wor
 
         report.set_aside_deleted = prune_set_aside(client, keys, output, SET_ASIDE_GRACE if grace is None else grace)
     return report
-
-
-def write_manifest_file(output: OutputDir, job: str, parts: dict[str, PartEntry], *, complete: bool,
-                        extra: dict[str, Any]) -> None:
-    """Write `_manifest.json`, so the output location describes itself without Redis."""
-    output.write_json(MANIFEST_FILE, {
-        "job": job,
-        "complete": complete,
-        "documents": sum(p.rows for p in parts.values()),
-        "parts": [{"file": part_file(name), "rows": p.rows, "bytes": p.bytes, "tokens": p.tokens}
-                  for name, p in sorted(parts.items())],
-        "updated_at": time.time(),
-        **extra,
-    })
 
 
 def part_name(counter: int, worker: str) -> str:

@@ -6,8 +6,9 @@ committed parts renamed, orphans set aside), writes `_dead_letters.jsonl` and `_
 only then records `finalized` in the job's stats hash, which `status` reads: "complete" means the
 output is final, not merely that the stream is empty. A settle after that (a dead-letter replay
 embedded) clears the flag again in the same atomic step. Once final, the job's bookkeeping per
-stream entry is dropped from Redis (`job.compact_finished`). `record_output` stores where the
-output is, for `status` and `dead-letter replay`.
+stream entry is dropped from Redis, and what the files now record (manifest, dead letters) gets a TTL
+(`job.compact_finished`, `archive.py`). `record_output` stores where the output is, for `status` and
+`dead-letter replay`.
 
 Set-aside parts (commit.py) are deleted here, and only here: once the job is complete, every part
 the manifest lists is visible, and the part has been aside for `SET_ASIDE_GRACE` seconds.
@@ -23,9 +24,12 @@ from typing import Any
 import redis
 
 from embedq import deadletter
+from embedq.config import Settings
 from embedq.job import FINALIZED_FIELD, OUTPUT_FIELD, JobRecord, compact_finished, job_complete, live_workers
 from embedq.keys import JobKeys
-from embedq.worker.commit import Reconciliation, Retry, reconcile, write_manifest_file
+from embedq.progress import byte_size
+from embedq.worker.archive import write_dead_letters, write_manifest_file
+from embedq.worker.commit import Reconciliation, Retry, reconcile
 from embedq.worker.output import DEAD_LETTERS_FILE, OutputDir
 
 log = logging.getLogger("embedq.worker")
@@ -37,9 +41,16 @@ log = logging.getLogger("embedq.worker")
 SET_ASIDE_GRACE = 3.0
 
 _FINALIZE = f"""
--- KEYS: 1 stream, 2 manifest, 3 stats.  ARGV: 1 parts the finalized directory holds
--- Nothing may have been settled since the directory was made final.
+-- KEYS: 1 stream, 2 manifest, 3 stats, 4 dead.  ARGV: 1 parts the finalized directory holds, 2 the
+--   dead-stream entries its _dead_letters.jsonl was written from, 3 the last one's id ('' if none)
+-- Nothing may have been settled or replayed since the directory was made final: once archived, its
+-- files are the job's whole record (entries are only ever added at the dead stream's end).
 if redis.call('XLEN', KEYS[1]) ~= 0 or redis.call('HLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return 0 end
+if redis.call('XLEN', KEYS[4]) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] ~= '' then
+  local tail = redis.call('XRANGE', KEYS[4], ARGV[3], '+', 'COUNT', 2)
+  if #tail ~= 1 or tail[1][1] ~= ARGV[3] then return 0 end
+end
 redis.call('HSET', KEYS[3], '{FINALIZED_FIELD}', 1)
 return 1
 """
@@ -61,9 +72,11 @@ def recorded_output(client: redis.Redis, keys: JobKeys) -> str | None:
 
 
 def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, record: JobRecord, *,
-                    retry: Retry | None = None, grace: float = SET_ASIDE_GRACE) -> Reconciliation:
+                    retry: Retry | None = None, grace: float = SET_ASIDE_GRACE,
+                    finished_ttl: int = Settings.finished_ttl) -> Reconciliation:
     """Make a complete job's output final: recovery, `_dead_letters.jsonl`, `_manifest.json`, then
-    `finalized` in Redis. A job not complete (yet) only gets recovery, for live writers' sake."""
+    `finalized` in Redis, and compact the job there (what the files record expires after
+    `finished_ttl` seconds). A job not complete (yet) only gets recovery, for live writers' sake."""
     run: Retry = retry or _once
     if not run(lambda: job_complete(client, keys), "check the job state"):
         return run(lambda: reconcile(client, keys, output, live_workers=set(live_workers(client, keys))),
@@ -73,25 +86,28 @@ def finalize_output(client: redis.Redis, keys: JobKeys, output: OutputDir, recor
     if done.missing:
         log.error("committed parts are missing from %s: %s; `embedq verify` reports their documents",
                   output.location, ", ".join(done.missing[:10]))
-    dead = run(lambda: write_dead_letters_file(client, keys, output), "list dead letters")
+    raw = run(lambda: client.xrange(keys.dead), "list dead letters")
+    dead = write_dead_letters(output, deadletter.decode_entries(raw))
     write_manifest_file(output, keys.job, done.parts, complete=not done.missing,
                         extra={**record.model_fields(), "dead_letters": dead})
     if not done.missing:
         script = client.register_script(_FINALIZE)
-        done.finalized = bool(run(lambda: script(keys=[keys.stream, keys.manifest, keys.stats],
-                                                 args=[len(done.parts)]), "record the output as final"))
+        written = [len(done.parts), len(raw), _text(raw[-1][0]) if raw else ""]
+        done.finalized = bool(run(lambda: script(keys=[keys.stream, keys.manifest, keys.stats, keys.dead],
+                                                 args=written), "record the output as final"))
     if done.finalized:
-        memory = run(lambda: compact_finished(client, keys), "compact the job in Redis")
+        memory = run(lambda: compact_finished(client, keys, ttl=finished_ttl), "compact the job in Redis")
         if memory is not None and None not in memory:
-            log.info("job %s: Redis holds %s of it now (%s before compaction); `embedq delete --job %s` "
-                     "removes the rest once the output is all you need", keys.job, _size(memory[1]),
-                     _size(memory[0]), keys.job)
+            expiry = (f"; its manifest and dead letters, which the output records, leave Redis in {finished_ttl:,} s"
+                      if finished_ttl else "")
+            log.info("job %s: Redis holds %s of it now (%s before compaction%s); `embedq delete --job %s` "
+                     "removes the rest once the output is all you need", keys.job, byte_size(memory[1]),
+                     byte_size(memory[0]), expiry, keys.job)
     return done
 
 
-def _size(count: int | None) -> str:
-    count = count or 0
-    return f"{count / 1024:.1f} KiB" if count < 2**20 else f"{count / 2**20:.1f} MiB"
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def write_dead_letters_file(client: redis.Redis, keys: JobKeys, output: OutputDir, *,
@@ -101,12 +117,7 @@ def write_dead_letters_file(client: redis.Redis, keys: JobKeys, output: OutputDi
     directory without the file is left alone (its job was never finalized)."""
     if only_if_present and not output.has_file(DEAD_LETTERS_FILE):
         return 0
-    letters = deadletter.list_dead(client, keys)
-    if letters:
-        output.write_lines(DEAD_LETTERS_FILE, [deadletter.summary(entry) for entry in letters])
-    else:
-        output.remove_file(DEAD_LETTERS_FILE)
-    return sum(len(entry.letter.doc_ids) for entry in letters)
+    return write_dead_letters(output, deadletter.list_dead(client, keys))
 
 
 def prune_set_aside(client: redis.Redis, keys: JobKeys, output: OutputDir, grace: float) -> list[str]:

@@ -33,6 +33,7 @@ class WorkerOptions:
     redis_retry_seconds: float = Settings.redis_retry_seconds
     output_dtype: str = Settings.output_dtype
     commit_threads: int = Settings.commit_threads
+    finished_ttl: int = Settings.finished_ttl  # what the output records leaves Redis this long after the job
     exit_when_done: bool = True
     idle_exit_seconds: float | None = None  # exit after this long with nothing to do (tests, bench)
 

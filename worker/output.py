@@ -251,6 +251,15 @@ class OutputDir(ABC):
                               "rewrite it.") from exc
         return data
 
+    def read_lines(self, filename: str) -> list[dict[str, Any]] | None:
+        """The rows of a JSON Lines file `write_lines` wrote, or None where there is none."""
+        if not self._exists(filename):
+            return None
+        try:
+            return [json.loads(line) for line in self._read(filename).decode("utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{self.where(filename)} is unreadable ({exc}).") from exc
+
     # -- what each kind supplies ------------------------------------------------------------------
 
     @abstractmethod

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from embedq.cli.options import DEFAULTS, AsJsonOpt, JobOpt, OutOpt, PrefixOpt, RedisOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt
-from embedq.cli.settings import job_at_output, job_in_redis
+from embedq.cli.settings import job_at_output, job_in_redis, settings_from
 from embedq.errors import UsageError
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ def verify(
     from embedq.verify import verify_job
 
     with job_at_output(ctx, job, out) as (client, keys):
-        result = verify_job(client, keys, out, source=source, allow_dead=allow_dead)
+        result = verify_job(client, keys, out, source=source, allow_dead=allow_dead,
+                            finished_ttl=settings_from(ctx).finished_ttl)
     typer.echo(result.render())
     result.raise_for_failure()
 
@@ -79,15 +80,20 @@ def dead_list(
     job: JobOpt,
     limit: Annotated[int, typer.Option("--limit", help="Show at most this many dead letters.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for scripts.")] = False,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The job's output directory, whose "
+                                            "_dead_letters.jsonl is read once Redis has let a finished job's dead "
+                                            "letters expire. Default: the one its workers recorded.",
+                                            show_default=False)] = None,
     redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
 ) -> None:
     """List dead letters: which documents, why, which worker, how many deliveries."""
-    from embedq.deadletter import list_dead, summary
+    from embedq.deadletter import summary
+    from embedq.worker.archive import dead_letters
 
     client, keys = job_in_redis(ctx, job)
-    entries = list_dead(client, keys, count=limit)
+    entries = dead_letters(client, keys, output=out, count=limit)
     for entry in entries:
         letter = entry.letter
         if as_json:
@@ -118,6 +124,7 @@ def dead_replay(
     from embedq.deadletter import list_dead, replay
 
     client, keys = job_in_redis(ctx, job)
+    _restore_archived(client, keys, out)
     entries = list_dead(client, keys, ids=ids)
     if ids and len(entries) != len(ids):
         missing = set(ids) - {e.dead_id for e in entries}
@@ -132,6 +139,26 @@ def dead_replay(
         typer.echo(f"  ... and {len(skipped) - _SKIPPED_SHOWN} more skipped")
     if documents:
         _refresh_dead_letters_file(client, keys, out)
+
+
+def _restore_archived(client: Redis, keys: JobKeys, out: str | None) -> None:
+    """A finished job whose manifest and dead letters Redis lets expire gets them back, from its
+    output, before a replay changes it (`worker/archive.py`); they stay until it is finished again."""
+    from embedq.job import ARCHIVED_FIELD
+    from embedq.worker.archive import unarchive
+    from embedq.worker.finalize import recorded_output
+    from embedq.worker.output import open_output
+
+    if not client.hexists(keys.stats, ARCHIVED_FIELD):
+        return
+    location = out or recorded_output(client, keys)
+    if location is None:
+        raise UsageError(f"Job {keys.job!r} is finished and its dead letters are kept in its output, not in Redis, "
+                         "whose copy expires: pass --out DIR, the job's output directory, to replay them from its "
+                         "_dead_letters.jsonl.")
+    if unarchive(client, keys, open_output(location, create=False)):
+        typer.echo(f"job {keys.job}: its manifest and dead letters are back in Redis from {location}, until the job "
+                   "is finished again")
 
 
 def _refresh_dead_letters_file(client: Redis, keys: JobKeys, out: str | None) -> None:
@@ -163,12 +190,15 @@ def gc(
     """Set orphan parts aside (written but never committed), roll committed ones forward, and
     finalize a complete job's output (_manifest.json, deleting what was set aside)."""
     from embedq import job as job_record
+    from embedq.progress import byte_size
     from embedq.worker.finalize import finalize_output
     from embedq.worker.output import open_output
 
     output = open_output(out, create=False)
+    ttl = settings_from(ctx).finished_ttl
     with job_at_output(ctx, job, out) as (client, keys):
-        result = finalize_output(client, keys, output, job_record.require(client, keys))
+        result = finalize_output(client, keys, output, job_record.require(client, keys), finished_ttl=ttl)
+        memory = job_record.job_memory(client, keys) if result.finalized else None
     typer.echo(f"job {job}: {len(result.parts)} committed parts; rolled forward {len(result.rolled_forward)}, "
                f"removed {len(result.orphans_set_aside)} visible and {len(result.staged_set_aside)} staged orphans; "
                f"kept {len(result.staged_kept)} staged parts of live workers")
@@ -178,6 +208,10 @@ def gc(
     if result.finalized:
         typer.echo(f"  the job is complete and its output final: _manifest.json written, "
                    f"{len(result.set_aside_deleted)} set-aside parts deleted")
+        said = [] if memory is None else [f"Redis holds {byte_size(memory)} of it"]
+        if ttl:
+            said.append(f"its manifest and dead letters, which the output records, leave Redis in {ttl:,} s")
+        typer.echo("  " + "; ".join([*said, f"`embedq delete --job {job}` removes the rest"]))
     if result.missing:
         typer.echo(f"warning: {len(result.missing)} committed parts are missing from {output.location}: "
                    + ", ".join(result.missing[:10]), err=True)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from embedq.cli import app
 from embedq.config import settings_and_origins
+from embedq.errors import UsageError
 
 from ..support import embedq_process, wait_until
 
@@ -73,3 +74,10 @@ def test_json_logs_are_one_object_per_line(job_name: str, tmp_path: Path) -> Non
     messages = [line["message"] for line in lines]
     assert any(m.startswith("metrics: http://0.0.0.0:") for m in messages)
     assert any("lease_seconds=7.0 (--lease-seconds)" in m for m in messages)
+
+
+def test_finished_ttl_is_a_setting_and_zero_keeps_a_finished_jobs_copies() -> None:
+    assert settings_and_origins({}, environ={"EMBEDQ_FINISHED_TTL": "60"}, config_file=None)[0].finished_ttl == 60
+    assert settings_and_origins({}, environ={"EMBEDQ_FINISHED_TTL": "0"})[0].finished_ttl == 0
+    with pytest.raises(UsageError, match=r"EMBEDQ_FINISHED_TTL must be 0 \(keep them\) or a number of seconds; got -1"):
+        settings_and_origins({}, environ={"EMBEDQ_FINISHED_TTL": "-1"})

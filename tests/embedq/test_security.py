@@ -35,6 +35,7 @@ from tests.worker.test_bad_input import OpensAFile
 EMBEDQ_ACL = [
     "resetchannels", "-@all", "+ping", "+info",
     "+get", "+set", "+del", "+mget", "+scan", "+exists", "+expire",  # leases, the producer lock, `delete`
+    "+persist",  # a finished job's manifest and dead letters keep their TTL until it changes again (archive.py)
     "+hget", "+hset", "+hsetnx", "+hmget", "+hgetall", "+hincrby", "+hdel", "+hkeys", "+hexists", "+hlen",  # records
     "+sadd", "+sismember", "+srem",  # parts that recovery condemned, entries a worker is working on
     "+xadd", "+xlen", "+xrange", "+xdel", "+xack", "+xreadgroup", "+xautoclaim", "+xclaim", "+xpending",

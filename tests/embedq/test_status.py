@@ -28,6 +28,7 @@ from embedq.heartbeat import liveness
 from embedq.job import JobRecord
 from embedq.keys import JobKeys
 from embedq.model import load_model_info
+from embedq.progress import byte_size
 from embedq.status import JobStatus, read_status, render
 from embedq.worker.consumer import StreamConsumer
 from embedq.worker.lease import InFlight, Lease
@@ -298,3 +299,23 @@ def test_watch_on_a_terminal_redraws_in_place_and_leaves_the_final_frame(
 def test_watch_needs_a_period_over_zero(redis_url: str) -> None:
     refused = embedq("status", "--job", "j", "--watch", "0", "--redis", redis_url)
     assert refused.returncode == 2 and "--watch takes a number of seconds greater than 0" in refused.stderr
+
+
+def test_status_shows_the_jobs_redis_memory_and_says_so_where_memory_usage_is_refused(
+        redis_client: redis.Redis, redis_url: str, running_job: JobKeys) -> None:
+    import uuid
+
+    shown = read_status(redis_client, running_job)
+    assert shown.redis_bytes == job_record.job_memory(redis_client, running_job) and (shown.redis_bytes or 0) > 0
+    assert f"redis memory   {byte_size(shown.redis_bytes or 0)}\n" in render(shown)
+    user, password = f"t-nomemory-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
+                             commands=["+@all", "-memory"])
+    try:
+        narrow = redis.Redis.from_url(redis_url, username=user, password=password)
+        refused = read_status(narrow, running_job)
+        narrow.close()
+    finally:
+        redis_client.acl_deluser(user)
+    assert refused.exists and refused.redis_bytes is None and refused.as_dict()["redis_bytes"] is None
+    assert "redis memory   not known (this Redis user may not run MEMORY USAGE)" in render(refused)
