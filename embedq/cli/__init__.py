@@ -9,6 +9,8 @@
     embedq gc --job NAME --out DIR         remove orphan parts
     embedq delete --job NAME               remove a job's keys from Redis
     embedq engine export|build             the ONNX graph, TensorRT engines ahead of time
+    embedq snapshot --state DIR --out F    an incremental record's full view (`run --incremental`)
+    embedq load --state DIR --into URI     keep a LanceDB table current with that view
 
 Settings come from flags, then `EMBEDQ_*` variables, then `embedq.toml`. Exit codes: 0 success,
 1 unexpected error, 2 usage, 3 source, 4 model, 5 Redis, 6 output, 7 job mismatch, 8 verification
@@ -29,7 +31,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from embedq import __version__
-from embedq.cli import admin, bench, configuration, engine, jobs, logs, profile, run
+from embedq.cli import admin, bench, configuration, engine, index, jobs, logs, profile, run
 from embedq.cli.settings import STARTUP
 from embedq.errors import EmbedqError, RedisUnavailable
 
@@ -82,7 +84,7 @@ app.add_typer(config_app, name="config")
 
 # In the order `embedq --help` lists them.
 for command in (jobs.produce, jobs.work, run.run, profile.profile, bench.bench, admin.status, admin.verify,
-                admin.gc, admin.delete):
+                admin.gc, admin.delete, index.snapshot, index.load):
     app.command(cls=_Command)(command)
 dead_app.command("list", cls=_Command)(admin.dead_list)
 dead_app.command("replay", cls=_Command)(admin.dead_replay)

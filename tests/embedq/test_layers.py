@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WINGS = {"producer": ROOT / "producer", "worker": ROOT / "worker", "engines": ROOT / "engines"}
 # The application layer sits above the wings and may import all of them.
-APPLICATION = {"cli", "bench", "verify", "status", "api", "__main__"}
+# (embedq/incremental/, a package of it, builds on the producer's sources and the worker's output.)
+APPLICATION = {"cli", "bench", "verify", "status", "api", "supervisor", "incremental", "__main__"}
 CORE = sorted(p for p in (ROOT / "embedq").glob("*.py") if p.stem not in APPLICATION)
 ENGINE_LIBRARIES = {"torch", "onnxruntime", "tensorrt", "tensorrt_rtx"}
 
