@@ -63,15 +63,27 @@ def plan_engine(model: ModelInfo, spec: EngineSpec) -> tuple[str, EngineConfig]:
     """The backend and configuration `spec` stands for on this machine."""
     device = resolve_device(spec.device)
     on_gpu = device.startswith("cuda")
-    precision = spec.precision if spec.precision != "auto" else ("fp16" if on_gpu else "fp32")
+    precision = spec.precision if spec.precision != "auto" else auto_precision(model, on_gpu)
     budget = spec.token_budget or (GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET)
     seq_lens: Sequence[int] = spec.seq_lens or DEFAULT_SEQ_LENS
     backend = resolve_backend(spec.backend, device)
     unpadded = on_gpu and (spec.unpad == "on" or (spec.unpad == "auto" and model.dim >= UNPAD_FROM_DIM))
+    # Decoders run eager, never in CUDA graphs: a batch of a 0.6B decoder is long enough on the GPU to
+    # hide the kernel launches a graph saves, while every captured profile keeps a memory pool of its
+    # own, and a long-context model has some 30 profiles.
     config = EngineConfig(model=model, profiles=profile_table(model.max_seq_len, budget, seq_lens), device=device,
                           precision=precision, threads=spec.threads, cache_dir=spec.cache_dir,
-                          cuda_graphs=spec.cuda_graphs and on_gpu, unpadded=unpadded, rebuild=spec.rebuild)
+                          cuda_graphs=spec.cuda_graphs and on_gpu and not model.causal, unpadded=unpadded,
+                          rebuild=spec.rebuild)
     return backend, config
+
+
+def auto_precision(model: ModelInfo, on_gpu: bool) -> str:
+    """fp32 on the CPU; on a GPU bf16 for a model saved in bf16 (Qwen3-Embedding and most decoders:
+    their activations can pass fp16's 65,504), else fp16."""
+    if not on_gpu:
+        return "fp32"
+    return "bf16" if model.dtype == "bfloat16" else "fp16"
 
 
 def engine_for(model: ModelInfo, spec: EngineSpec) -> Engine:

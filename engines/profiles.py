@@ -16,7 +16,12 @@ from .base import Profile
 
 # Sequence lengths of the default profile table: steps of about 1.4x keep padding to a few tens of
 # percent for any length distribution; `embedq profile` fits a table to a corpus instead.
-DEFAULT_SEQ_LENS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+SHORT_SEQ_LENS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+# Past 512, for long-context models (decoders at 8k-32k tokens): x1, x1.25 and x1.5 of each power of
+# two, all multiples of 128. A document pads by a third at most, so a 32k model needs 18 more
+# profiles rather than one jump from 512 to 32k (a 600-token document padded to 32,768).
+LONG_SEQ_LENS = tuple(octave * step // 4 for octave in (1 << k for k in range(9, 18)) for step in (4, 5, 6))[1:]
+DEFAULT_SEQ_LENS = SHORT_SEQ_LENS + LONG_SEQ_LENS
 MAX_BATCH_CAP = 1024
 
 
@@ -26,6 +31,8 @@ def profile_table(max_seq_len: int, token_budget: int, seq_lens: Sequence[int] =
     if max_seq_len < 1 or token_budget < 1:
         raise ValueError("max_seq_len and token_budget must be positive")
     lens = sorted({s for s in seq_lens if s < max_seq_len} | {max_seq_len})
+    # At least one row: a profile longer than the budget holds one document (its memory still grows
+    # only linearly with its length, since no backend materializes S x S attention scores).
     return tuple(Profile(s, max(1, min(max_batch_cap, token_budget // s))) for s in lens)
 
 
@@ -43,13 +50,13 @@ def fit_seq_lens(lengths: np.ndarray, max_seq_len: int, *, target_waste: float =
     `max_profiles` does, the set of that size with the least padding.
 
     Exact for the given lengths: dynamic programming over candidate lengths, multiples of 4 up to
-    64 and of 8 above (GPU kernels run best on such widths; short documents need the fine steps).
+    64, of 8 up to 1024, then 64 a power of two apart (GPU kernels run best on such widths; short
+    documents need the fine steps, and the coarser long ones keep the search small at 32k tokens).
     Fewer profiles mean fewer shapes to build or capture and fuller batches.
     """
     if lengths.size == 0:
         return (max_seq_len,)
-    candidates = sorted({min(max_seq_len, s) for s in [*range(4, 65, 4), *range(72, max_seq_len + 8, 8)]}
-                        | {max_seq_len})
+    candidates = _candidate_lengths(max_seq_len)
     index = {c: i for i, c in enumerate(candidates)}
     counts = np.zeros(len(candidates), dtype=np.int64)
     cells = np.searchsorted(np.array(candidates), np.minimum(lengths, max_seq_len), side="left")
@@ -85,6 +92,16 @@ def fit_seq_lens(lengths: np.ndarray, max_seq_len: int, *, target_waste: float =
     least = min(cost[k][last] for k in range(1, max_profiles + 1))
     k = next(k for k in range(1, max_profiles + 1) if cost[k][last] == least)
     return boundaries(k, last)
+
+
+def _candidate_lengths(max_seq_len: int) -> list[int]:
+    """The widths `fit_seq_lens` chooses among, up to and including `max_seq_len`."""
+    widths = [*range(4, 65, 4), *range(72, 1025, 8)]
+    octave = 1024
+    while octave < max_seq_len:
+        widths += range(octave + octave // 64, 2 * octave + 1, octave // 64)
+        octave *= 2
+    return sorted({min(max_seq_len, s) for s in widths} | {max_seq_len})
 
 
 @dataclass(frozen=True)

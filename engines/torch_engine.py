@@ -82,7 +82,7 @@ def load_encoder(
             f"{model.name} has hidden size {hidden_size} but its pooling config says {model.dim}; "
             "the model directory is inconsistent."
         )
-    encoder = _sentence_encoder_class()(transformer, model.pooling, model.normalize)
+    encoder = _sentence_encoder_class()(transformer, model.pooling, model.normalize, model.pool_skip)
     return encoder.to(device).eval()
 
 
@@ -94,13 +94,21 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
     class SentenceEncoder(torch.nn.Module):
         """Transformer + pooling + normalization: `(input_ids, lengths)` to `(B, dim)` float32."""
 
-        def __init__(self, transformer: Any, pooling: Pooling, normalize: bool) -> None:
+        def __init__(self, transformer: Any, pooling: Pooling, normalize: bool, skip: int = 0) -> None:
             super().__init__()
             self.transformer = transformer
-            self.head = pooling_head(pooling, normalize)
+            self.head = pooling_head(pooling, normalize, skip)
             self.attn_implementation = str(transformer.config._attn_implementation)
+            self.causal = attends_causally(transformer)
 
         def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            if self.causal:
+                # A decoder: with right padding no real token attends to a pad (they all come after
+                # it), so no mask is needed, and without one SDPA runs its causal flash or
+                # memory-efficient kernel instead of building a (B, 1, S, S) mask (64 MiB a row at
+                # 8k tokens). Nor a key/value cache: it would hold every layer's keys and values.
+                states = self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+                return self.head(states, lengths)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             keep = positions.unsqueeze(0) < lengths.unsqueeze(1)
             hidden = self.transformer(
@@ -121,6 +129,13 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
             )
 
     return SentenceEncoder
+
+
+def attends_causally(transformer: Any) -> bool:
+    """Whether a loaded transformers model attends causally (a decoder), from its attention modules."""
+    if getattr(transformer.config, "is_causal", True) is False:
+        return False
+    return any(getattr(module, "is_causal", False) is True for module in transformer.modules())
 
 
 class TorchEngine(EngineBase):

@@ -30,8 +30,9 @@ def bench(
         "builds them).", metavar="DIR", envvar="EMBEDQ_CORPUS_DIR", show_envvar=True,
         show_default="~/.cache/embedq-test-corpus")] = None,
     model_names: Annotated[list[str] | None, typer.Option(
-        "--model", help="minilm (the real all-MiniLM-L6-v2), bert-base or tiny (random weights of that shape, "
-        "for speed only); repeatable.", metavar="NAME", show_default="minilm and bert-base")] = None,
+        "--model", help="minilm (the real all-MiniLM-L6-v2), or random weights of a shape, for speed only: "
+        "bert-base, tiny, qwen3-0.6b (a Qwen3-Embedding-0.6B decoder, to 8,192 tokens; time it with --precision "
+        "bf16) or qwen3-tiny; repeatable.", metavar="NAME", show_default="minilm and bert-base")] = None,
     model_path: Annotated[str | None, typer.Option(
         "--model-path", help="Directory of the MiniLM weights.", metavar="DIR",
         show_default="the bundled model")] = None,
