@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -73,7 +74,8 @@ class Embedder:
                  max_seq_len: int | None = None, token_budget: int | None = None,
                  seq_lens: Sequence[int] | None = None, cuda_graphs: bool = True, unpad: Unpad = "auto",
                  threads: int | None = None,
-                 tokenizer_processes: int | None = None) -> None:
+                 tokenizer_processes: int | None = None, prompt: str | None = None,
+                 prompt_name: str | None = None) -> None:
         from embedq.engines.factory import EngineSpec, engine_for
         from embedq.tokenization import TokenizerPool, default_tokenizer_processes
 
@@ -84,7 +86,8 @@ class Embedder:
             token_budget=token_budget, seq_lens=",".join(map(str, seq_lens)) if seq_lens else None,
             cuda_graphs=cuda_graphs, unpad=unpad, tokenizer_processes=tokenizer_processes).validate()
         self.model: ModelInfo = load_model_info(settings.model, pooling=settings.pooling,
-                                                normalize=settings.normalize, max_seq_len=settings.max_seq_len)
+                                                normalize=settings.normalize, max_seq_len=settings.max_seq_len,
+                                                prompt=prompt, prompt_name=prompt_name)
         self._stack = contextlib.ExitStack()
         try:
             self.engine: Engine = self._stack.enter_context(engine_for(self.model, EngineSpec.from_settings(settings)))
@@ -92,7 +95,7 @@ class Embedder:
             if processes is None:
                 processes = default_tokenizer_processes(self.engine.config.device, self.model.tokenizer_file)
             self._tokenizer: TokenizerPool = self._stack.enter_context(
-                TokenizerPool(self.model.tokenizer_file, self.model.max_seq_len, processes))
+                TokenizerPool(self.model.tokenizer_file, self.model.max_seq_len, processes, prompt=self.model.prompt))
         except BaseException:
             self._stack.close()
             raise
@@ -208,6 +211,8 @@ def submit(source: PathLike, *, job: str | None = None, redis: str | None = None
     `settings` are further `embedq produce` settings by name (batch_size, allow_empty, pretokenize...).
     Publishing the same source again resumes the job and adds no batch twice; without `job` the name
     is derived from the source, as `embedq run` does."""
+    from embedq import job as job_record
+    from embedq.cli.calibration import job_output_format
     from embedq.keys import default_job_name
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.producer.sources import SourceSpec, open_source
@@ -216,14 +221,17 @@ def submit(source: PathLike, *, job: str | None = None, redis: str | None = None
     chosen = load_settings({"redis_url": redis, "key_prefix": key_prefix,
                             "model": None if model is None else os.fspath(model), **settings})
     info = load_model_info(chosen.model, pooling=chosen.pooling, normalize=chosen.normalize,
-                           max_seq_len=chosen.max_seq_len)
+                           max_seq_len=chosen.max_seq_len, prompt=chosen.prompt, prompt_name=chosen.prompt_name)
     path = os.fspath(source)
     spec = SourceSpec(path=path, format=format, id_field=id_field, text_field=text_field, text_unit=text_unit)
     with open_source(spec) as src:
         name = job or default_job_name(path, src.scan().fingerprint)
         client, keys = _connect(chosen, name)
-        encode = Tokenizer(info.tokenizer_file, info.max_seq_len).encode if chosen.pretokenize else None
-        producer = Producer(client, keys, src, info, ProducerOptions.from_settings(chosen), encode=encode)
+        tokenizer = Tokenizer(info.tokenizer_file, info.max_seq_len, prompt=info.prompt) if chosen.pretokenize else None
+        stored = job_output_format(chosen, info, src, job_record.load(client, keys))
+        options = dataclasses.replace(ProducerOptions.from_settings(chosen), output=stored)
+        encode = tokenizer.encode if tokenizer is not None else None
+        producer = Producer(client, keys, src, info, options, encode=encode)
         producer.prepare()
         producer.run()
     return name

@@ -25,7 +25,7 @@ CONFIG_FILE = "embedq.toml"
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Pooling = Literal["mean", "cls", "last"]
-OutputDtype = Literal["float32", "float16"]
+OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 Unpad = Literal["auto", "on", "off"]
 _Options = TypeVar("_Options")
 
@@ -45,6 +45,14 @@ class Settings:
     pooling: Pooling | None = None  # None: what the model's configuration says
     normalize: bool | None = None
     max_seq_len: int | None = None
+    # The prompt put before every text: `prompt` itself, else the model's prompt named `prompt_name`,
+    # else the model's default prompt (sentence-transformers' `default_prompt_name`); "" for none.
+    prompt: str | None = None
+    prompt_name: str | None = None
+    # Output (fixed by the job's producer; see `embedq.quantization`)
+    truncate_dim: int | None = None  # keep the first N dimensions (Matryoshka models), renormalized
+    calibration: str | None = None  # int8/uint8 ranges from this file; None: from a sample of the source
+    calibration_docs: int = 1000  # documents of that sample
     # Producer
     batch_size: int = 512  # documents per stream message
     max_doc_bytes: int = Limits.max_doc_bytes
@@ -91,6 +99,9 @@ class Settings:
     output_dtype: OutputDtype = "float32"
     # Operations
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one)
+    # Seconds a finished job's manifest and dead letters stay in Redis once the output records them
+    # (`_manifest.json`, `_dead_letters.jsonl`); 0 keeps them. The job's record and counters stay.
+    finished_ttl: int = 7 * 24 * 3600
 
     def redis(self) -> RedisSettings:
         return RedisSettings(url=self.redis_url, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
@@ -122,7 +133,8 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
 }
 _POSITIVE = ("batch_size", "max_doc_bytes", "max_message_bytes", "backlog", "window_docs", "prefetch",
              "commit_threads", "max_failures", "max_deliveries", "window_seconds", "shutdown_timeout",
-             "token_budget", "max_seq_len", "threads", "disk_retry_seconds", "redis_retry_seconds")
+             "token_budget", "max_seq_len", "threads", "disk_retry_seconds", "redis_retry_seconds",
+             "truncate_dim", "calibration_docs")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -137,6 +149,8 @@ def check(name: str, value: Any) -> str | None:
         return f"must be positive; got {value}"
     if name == "metrics_port" and value is not None and not 0 <= value <= 65535:
         return f"must be a TCP port (0 to 65535); got {value}"
+    if name == "finished_ttl" and value < 0:
+        return f"must be 0 (keep them) or a number of seconds; got {value}"
     if name == "tokenizer_processes" and value is not None and value < 0:
         return f"must be 0 (tokenize in the worker) or more; got {value}"
     if name == "lease_seconds" and value < 1:

@@ -45,12 +45,32 @@ class ModelInfo:
     architecture: str
     vocab_size: int
     pad_token_id: int
+    # A decoder (Qwen3-Embedding, e5-mistral): attention is causal, so right padding never reaches a
+    # real token and batches need no attention mask (see `is_causal_lm`).
+    causal: bool = False
+    # The dtype the weights were trained and saved in, per config.json ("bfloat16", ...), if it says.
+    dtype: str | None = None
+    # Prompts (sentence-transformers' `config_sentence_transformers.json` and Pooling `include_prompt`):
+    # the model's named prompts and default, whether pooling takes the prompt's tokens in, and the
+    # prompt this job puts before every text with its length as pooling counts it (start token included).
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
+    prompt: str = ""
+    prompt_name: str | None = None
+    prompt_tokens: int = 0
+
+    @property
+    def pool_skip(self) -> int:
+        """Leading tokens that pooling leaves out: the prompt's, where the model pools without them."""
+        return 0 if self.include_prompt else self.prompt_tokens
 
     def with_overrides(
         self, pooling: Pooling | str | None = None, normalize: bool | None = None,
-        max_seq_len: int | None = None,
+        max_seq_len: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
     ) -> ModelInfo:
-        """The same model with user overrides applied; max_seq_len may not exceed the positions."""
+        """The same model with user overrides applied; max_seq_len may not exceed the positions. A
+        `prompt` (even "") wins over `prompt_name`; either replaces the prompt chosen so far."""
         info = self
         if pooling is not None:
             info = replace(info, pooling=Pooling(pooling))
@@ -64,6 +84,8 @@ class ModelInfo:
                     f"(2 to {limit} tokens); choose a value in that range."
                 )
             info = replace(info, max_seq_len=max_seq_len)
+        if prompt is not None or prompt_name is not None:
+            info = info.with_prompt(prompt, prompt_name)
         return info
 
     def describe(self) -> dict[str, Any]:
@@ -75,7 +97,29 @@ class ModelInfo:
             "pooling": self.pooling.value,
             "normalize": self.normalize,
             "max_seq_len": self.max_seq_len,
+            "prompt": self.prompt,
+            "prompt_name": self.prompt_name or "",
+            "include_prompt": self.include_prompt,
         }
+
+    def with_prompt(self, prompt: str | None, prompt_name: str | None) -> ModelInfo:
+        """The model with the prompt sentence-transformers' `encode(prompt=, prompt_name=)` would
+        use: `prompt`, else the prompt named `prompt_name`, else the model's default (or none)."""
+        named = dict(self.prompts)
+        if prompt is None and prompt_name is not None and prompt_name not in named:
+            known = ", ".join(sorted(named)) or "none"
+            raise ModelError(f"{self.name} has no prompt named {prompt_name!r} (its prompts: {known}); "
+                             "pass one of those to --prompt-name, or the text itself with --prompt.")
+        if prompt is None:
+            prompt_name = prompt_name or self.default_prompt_name
+            prompt = named.get(prompt_name, "") if prompt_name else ""
+        else:
+            prompt_name = None
+        tokens = prompt_length(self.tokenizer_file, prompt) if prompt and not self.include_prompt else 0
+        if tokens >= self.max_seq_len:
+            raise ModelError(f"The prompt {prompt!r} is {tokens} tokens, which leaves no room for text within "
+                             f"max_seq_len {self.max_seq_len}; use a shorter prompt or a larger --max-seq-len.")
+        return replace(self, prompt=prompt, prompt_name=prompt_name if prompt else None, prompt_tokens=tokens)
 
 
 def default_model_path() -> Path:
@@ -96,8 +140,11 @@ def load_model_info(
     pooling: Pooling | str | None = None,
     normalize: bool | None = None,
     max_seq_len: int | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
 ) -> ModelInfo:
-    """Read a model directory (the default model when `path` is None) and apply overrides."""
+    """Read a model directory (the default model when `path` is None) and apply overrides; the
+    prompt is `prompt`, else the one named `prompt_name`, else the model's default prompt."""
     root = Path(path).expanduser().resolve() if path is not None else default_model_path()
     if not root.is_dir():
         raise ModelError(f"Model directory {root} does not exist; pass --model with a directory on disk.")
@@ -131,7 +178,8 @@ def load_model_info(
         model_pooling = _pooling_from_config(pooling_cfg, root)
         dim = int(pooling_cfg.get("word_embedding_dimension", dim))
     else:
-        model_pooling = Pooling.MEAN
+        # As sentence-transformers does for a plain Hugging Face directory: last token for a causal LM.
+        model_pooling = Pooling.LAST if _saved_as_causal_lm(config) else Pooling.MEAN
     st_config = _read_json(transformer_path / "sentence_bert_config.json") if (
         transformer_path / "sentence_bert_config.json").is_file() else {}
     positions = _max_positions(config)
@@ -151,8 +199,37 @@ def load_model_info(
         architecture=str((config.get("architectures") or [config.get("model_type", "unknown")])[0]),
         vocab_size=int(config.get("vocab_size", 0)),
         pad_token_id=int(config.get("pad_token_id") or 0),
+        causal=is_causal_lm(config),
+        dtype=_config_dtype(config),
+        **_prompt_config(root, pooling_cfg),
     )
-    return info.with_overrides(pooling=pooling, normalize=normalize, max_seq_len=max_seq_len)
+    info = info.with_overrides(pooling=pooling, normalize=normalize, max_seq_len=max_seq_len)
+    return info.with_prompt(prompt, prompt_name)
+
+
+def prompt_length(tokenizer_file: Path, prompt: str) -> int:
+    """The prompt's tokens as sentence-transformers counts them to leave them out of pooling: the
+    prompt tokenized alone, special tokens included, less a trailing special token ([SEP], EOS)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a fixed width
+    tokenizer.no_truncation()
+    encoding = tokenizer.encode(prompt, add_special_tokens=True)
+    trailing_special = bool(encoding.special_tokens_mask and encoding.special_tokens_mask[-1])
+    return len(encoding.ids) - int(trailing_special)
+
+
+def _prompt_config(root: Path, pooling_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """ModelInfo's prompt fields from `config_sentence_transformers.json` and the Pooling config."""
+    file = root / "config_sentence_transformers.json"
+    config = _read_json(file) if file.is_file() else {}
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelError(f"{file}: `prompts` must map names to prompt texts; got {prompts!r}.")
+    default = config.get("default_prompt_name")
+    return {"prompts": tuple(sorted(prompts.items())), "default_prompt_name": default if default in prompts else None,
+            "include_prompt": bool((pooling_cfg or {}).get("include_prompt", True))}
 
 
 def model_digest(files: list[Path]) -> str:
@@ -206,6 +283,30 @@ def _pooling_from_config(cfg: dict[str, Any], root: Path) -> Pooling:
             "exactly one of mean, cls, last. Override it with --pooling."
         )
     return chosen[0]
+
+
+# Model types whose transformers implementation always attends causally (unless config.json says
+# `is_causal: false`), whatever class name the checkpoint was saved under.
+CAUSAL_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+def is_causal_lm(config: dict[str, Any]) -> bool:
+    """Whether a transformers `config.json` describes a decoder that attends causally."""
+    if config.get("is_causal") is False or config.get("use_bidirectional_attention"):
+        return False
+    return _saved_as_causal_lm(config) or config.get("model_type") in CAUSAL_MODEL_TYPES
+
+
+def _saved_as_causal_lm(config: dict[str, Any]) -> bool:
+    # sentence-transformers' rule for pooling a directory without 1_Pooling (last token, else mean).
+    architectures = config.get("architectures") or [""]
+    return str(architectures[0]).endswith("ForCausalLM") and config.get("is_causal", True) is not False
+
+
+def _config_dtype(config: dict[str, Any]) -> str | None:
+    # transformers 5 writes "dtype", earlier versions "torch_dtype".
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value) if value else None
 
 
 def _max_positions(config: dict[str, Any]) -> int | None:

@@ -105,7 +105,7 @@ class Tokenizer:
     """
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, *,
-                 library: str = "auto") -> None:
+                 library: str = "auto", prompt: str = "") -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         path = Path(tokenizer_file)
@@ -114,10 +114,15 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise ModelError(f"Cannot load tokenizer {path}: {exc}") from exc
         self.max_seq_len = max_seq_len
+        # Put before every text, as sentence-transformers does (the text, not the prompt, is cut at
+        # max_seq_len, and the prompt's tokens count in every length).
+        self.prompt = prompt
         self._tok.no_padding()
+        # The special ids after the text ([SEP], Qwen3-Embedding's <|endoftext|>): truncation keeps them.
+        self.tail = _special_tail(self._tok)
         # One id more than allowed: a row that long was cut, and `_cut` makes it what truncation at
-        # max_seq_len gives (its first max_seq_len - 1 ids and [SEP]), so both libraries say alike
-        # which documents were truncated.
+        # max_seq_len gives (its first max_seq_len - tail ids and the tail), so both libraries say
+        # alike which documents were truncated.
         self._tok.enable_truncation(max_length=max_seq_len + 1)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._fast = _nanotoken(path) if library == "auto" else None
@@ -129,16 +134,18 @@ class Tokenizer:
         """Tokenize a list of texts; a document cut at max_seq_len is marked truncated."""
         if not texts:
             return TokenizedDocs.concat([])
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
         if self._fast is not None:
             ids, offsets = self._fast.encode_batch(texts, add_special_tokens=True, max_length=self.max_seq_len + 1,
                                                    parallel=False)
-            return _cut(ids, np.diff(offsets), self.max_seq_len)
+            return _cut(ids, np.diff(offsets), self.max_seq_len, self.tail)
         # encode_batch_fast skips the character offsets, which embedq never reads.
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=True)
         rows = [e.ids for e in encodings]  # each read of `ids` builds a list: once per document
         lengths = np.fromiter(map(len, rows), dtype=np.int32, count=len(rows))
         tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-        return _cut(tokens, lengths, self.max_seq_len)
+        return _cut(tokens, lengths, self.max_seq_len, self.tail)
 
     def _agrees(self, fast: Any) -> bool:
         """Whether `fast` gives the ids of `tokenizers` on SELF_CHECK (else it is not used, with a warning)."""
@@ -168,16 +175,26 @@ def _nanotoken(path: Path) -> Any:
         return None
 
 
-def _cut(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int) -> TokenizedDocs:
+def _special_tail(tokenizer: Any) -> int:
+    """How many special ids the tokenizer's post-processor puts after a text's own: 1 for BERT's [SEP]
+    or Qwen3-Embedding's <|endoftext|> (which last-token pooling reads), 0 where it adds none."""
+    plain = tokenizer.encode("a b", add_special_tokens=False).ids
+    full = tokenizer.encode("a b", add_special_tokens=True).ids
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return len(full) - starts[0] - len(plain) if starts else 1
+
+
+def _cut(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int, tail: int = 1) -> TokenizedDocs:
     """Rows with special tokens, truncated at max_seq_len + 1 ids: a row longer than max_seq_len
-    keeps its first max_seq_len - 1 ids and its last one ([SEP]), as truncation at max_seq_len does."""
+    keeps its first max_seq_len - tail ids and its last `tail` (the special ids after the text), as
+    truncation at max_seq_len does."""
     lengths = lengths.astype(np.int32, copy=False)
     truncated = lengths > max_seq_len
     if not truncated.any():
         return TokenizedDocs(tokens.astype(np.int32, copy=False), lengths, truncated)
     row_length = np.repeat(lengths, lengths)
     position = np.arange(row_length.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    keep = (position < max_seq_len - 1) | (position == row_length - 1)
+    keep = (position < max_seq_len - tail) | (position >= row_length - tail)
     return TokenizedDocs(tokens[keep].astype(np.int32, copy=False), np.minimum(lengths, max_seq_len), truncated)
 
 
@@ -185,13 +202,13 @@ def _cut(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int) -> Tokenized
 _process_tokenizer: Tokenizer | None = None
 
 
-def _start_process(tokenizer_file: str, max_seq_len: int) -> None:
+def _start_process(tokenizer_file: str, max_seq_len: int, prompt: str = "") -> None:
     global _process_tokenizer
     # One thread per process: the pool's processes are the parallelism, and rayon threads on top
     # would only fight them for the same cores.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _process_tokenizer = Tokenizer(tokenizer_file, max_seq_len)
+    _process_tokenizer = Tokenizer(tokenizer_file, max_seq_len, prompt=prompt)
 
 
 def _encode_in_process(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,16 +226,16 @@ class TokenizerPool:
     """
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, processes: int,
-                 chunk_size: int = 2048) -> None:
+                 chunk_size: int = 2048, *, prompt: str = "") -> None:
         self.processes = processes
         self.chunk_size = chunk_size
-        self._local = Tokenizer(tokenizer_file, max_seq_len) if processes == 0 else None
+        self._local = Tokenizer(tokenizer_file, max_seq_len, prompt=prompt) if processes == 0 else None
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         if processes > 0:
             # spawn, not fork: the worker process may already hold a CUDA context and threads.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len))
+                initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len, prompt))
             # Start every process now, so the first window does not pay for their start-up; not
             # waited for, so that they start while the engine does.
             for _ in range(processes):

@@ -77,7 +77,7 @@ def load_native_bert(model: ModelInfo, *, device: str, dtype: torch.dtype) -> to
             raise EngineError(f"{path / WEIGHTS_FILE} has no {prefix + name}: the checkpoint is not a "
                               "BertModel's.") from None
 
-    module = _native_class()(config, weight, model.pooling, model.normalize)
+    module = _native_class()(config, weight, model.pooling, model.normalize, model.pool_skip)
     return module.eval().requires_grad_(False)
 
 
@@ -142,12 +142,14 @@ def _native_class() -> type[torch.nn.Module]:
 
         runs_unpadded = True
 
-        def __init__(self, c: dict[str, Any], weight: Weights, pooling: Pooling, normalize: bool) -> None:
+        def __init__(self, c: dict[str, Any], weight: Weights, pooling: Pooling, normalize: bool,
+                     skip: int = 0) -> None:
             super().__init__()
             self.embeddings = Embeddings(c, weight)
             self.layers = nn.ModuleList(Layer(c, weight, i) for i in range(c["num_hidden_layers"]))
             self.pooling = Pooling(pooling)
             self.normalize = normalize
+            self.skip = skip  # leading tokens (a prompt's) that pooling leaves out: `pooling.py`
 
         def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
             if tokens is None:
@@ -168,7 +170,7 @@ def _native_class() -> type[torch.nn.Module]:
             states = self.embeddings(ids, positions.unsqueeze(0))
             for layer in self.layers:
                 states = layer(states, attend)
-            return pool_hidden_states(states, lengths, self.pooling, self.normalize)
+            return pool_hidden_states(states, lengths, self.pooling, self.normalize, self.skip)
 
         def _unpadded(self, ids: torch.Tensor, lengths: torch.Tensor, tokens: int) -> torch.Tensor:
             rows, width = ids.shape
@@ -195,10 +197,12 @@ def _native_class() -> type[torch.nn.Module]:
                 # different in the last bits from one run to the next.
                 padded = states.new_zeros(rows * width, states.shape[1])
                 padded[where] = states
-                summed = padded.view(rows, width, -1).sum(1)
-                pooled = summed / lengths.to(states.dtype).unsqueeze(1).clamp(min=MEAN_COUNT_EPS)
+                summed = padded.view(rows, width, -1)[:, self.skip:].sum(1)
+                counted = (lengths - self.skip).clamp(min=0) if self.skip else lengths
+                pooled = summed / counted.to(states.dtype).unsqueeze(1).clamp(min=MEAN_COUNT_EPS)
             elif self.pooling is Pooling.CLS:
-                pooled = states[starts[:-1].long()]
+                first = starts[:-1].long() + (lengths > self.skip).long() * self.skip
+                pooled = states[first]
             else:
                 pooled = states[starts[1:].long() - 1]
             if self.normalize:

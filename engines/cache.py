@@ -26,8 +26,10 @@ def default_cache_dir() -> Path:
 def model_cache_dir(model: ModelInfo, cache_dir: str | os.PathLike[str] | None, *key_parts: str) -> Path:
     """The folder for one model under its settings: a readable name plus a hash of what decides the files."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    # A prompt left out of pooling is baked into the exported graph; keys of other models stay as they were.
+    skip = (f"skip={model.pool_skip}",) if model.pool_skip else ()
     key = hashlib.sha256(
-        "\0".join((model.digest, model.pooling.value, str(model.normalize), *key_parts)).encode()
+        "\0".join((model.digest, model.pooling.value, str(model.normalize), *skip, *key_parts)).encode()
     ).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.name.rsplit("/", 1)[-1]).strip("-.") or "model"
     return root / f"{slug}-{key}"

@@ -10,6 +10,9 @@
 The producer holds the job's lock (`keys.producer_lock`, a TTL renewed as it works) from `publish`
 to the end: a job not fully produced without a lock holder has stalled, which `status` and idle
 workers report with the command that finishes it.
+
+With `ProducerOptions.part` (`--slice K/N`) it publishes one slice of the source, and N such
+producers publish one job together (`slices.py`); the scan and the job record cover the whole source.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.producer.batching import BatchRules, PlannedBatch, plan_batches
 from embedq.producer.publisher import Publisher
+from embedq.producer.slices import Slice
 from embedq.producer.sources import Source, SourceScan
 from embedq.protocol import SCHEMA_VERSION, BatchMessage, Limits, encode_batch
+from embedq.quantization import OutputFormat
 from embedq.tokenization import TokenizedDocs, TokenizerPool
 
 log = logging.getLogger("embedq.producer")
@@ -57,6 +62,8 @@ class ProducerOptions:
     redis_retry_seconds: float = Settings.redis_retry_seconds
     until_complete: bool = False  # stay after publishing, publishing again what Redis loses, until complete
     watch_seconds: float = 1.0  # how often a producer that stays looks at the job
+    part: Slice = field(default_factory=Slice)  # the slice of the source to publish (`--slice K/N`); all by default
+    output: OutputFormat = field(default_factory=OutputFormat)  # how the job's vectors are stored (its record)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProducerOptions:
@@ -97,7 +104,7 @@ class Producer:
         self.tokenizer = tokenizer
         self.encode = tokenizer.encode if tokenizer is not None else encode
         self.stopping = stopping
-        self.publisher = Publisher(client, keys, options.backlog)
+        self.publisher = Publisher(client, keys, options.backlog, part=options.part)
         self.scan: SourceScan | None = None
         self.record: JobRecord | None = None
         self.report: ProducerReport | None = None  # the report of the run under way (metrics read it)
@@ -120,8 +127,9 @@ class Producer:
             batch_size=self.options.batch_size, pretokenized=self.encode is not None,
             max_doc_bytes=self.options.limits.max_doc_bytes,
             max_message_bytes=self.options.limits.max_message_bytes, allow_empty=self.options.allow_empty,
-            allow_duplicate_ids=self.options.allow_duplicate_ids)
+            allow_duplicate_ids=self.options.allow_duplicate_ids, **self.options.output.record_fields())
         self.record = self._redis(lambda: create_or_check(self.client, self.keys, record), "create the job")
+        self.publisher.cover(self.record.documents)
         return self.record
 
     def run(self, progress: Progress = lambda done, total: None) -> ProducerReport:
@@ -129,9 +137,11 @@ class Producer:
         stay and publish again whatever Redis loses until the job is complete; returns the report."""
         started = time.monotonic()
         record = self.record or self.prepare()
-        report = self.report = ProducerReport(job=self.keys.job, documents=record.documents)
+        report = self.report = ProducerReport(job=self.keys.job,
+                                              documents=self.publisher.stop - self.publisher.start)
         # Staying: wait for another producer of the job for as long as it runs, not a lock's lifetime.
         wait = math.inf if self.options.until_complete else None
+        self._redis(self.publisher.check_numbering, "read the producer cursor")
         if not self._redis(lambda: self.publisher.acquire(wait, stopping=self.stopping), "take the producer lock"):
             return report
         try:
@@ -150,20 +160,20 @@ class Producer:
         True if it was already marked."""
         cursor = self._redis(self.publisher.cursor, "read the producer cursor")
         if cursor.done:
-            progress(record.documents, record.documents)
+            progress(report.documents, report.documents)
             return True
         assert self.scan is not None
         skip = frozenset(self.scan.duplicate_positions) if self.options.allow_duplicate_ids else frozenset()
         rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip)
         while True:
-            if cursor.next_pos:
+            if cursor.next_pos > self.publisher.start:
                 log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,
-                         cursor.next_pos, record.documents)
+                         cursor.next_pos, self.publisher.stop)
             self._publish_all(rules, cursor.next_seq, cursor.next_pos, record, report, progress)
-            if self.stopping() or self._redis(lambda: self.publisher.finish(record.documents), "finish the job"):
+            if self.stopping() or self._redis(self.publisher.finish, "finish the job"):
                 break
             cursor = self._redis(self.publisher.cursor, "read the producer cursor")
-            if cursor.next_pos >= record.documents:  # cannot be: the record pins the source's size
+            if cursor.next_pos >= self.publisher.stop:  # cannot be: the record pins the source's size
                 raise SourceError("the producer cursor is past the end of the source; run it again")
             # Redis lost the last batches between the last publish and the finish: publish them again.
         return False
@@ -183,7 +193,7 @@ class Producer:
                 self._hold_lock()
             if not state.cursor.done:
                 log.warning("Redis lost the end of job %s's publishing (it is at document %d of %d): "
-                            "publishing again from there", self.keys.job, state.cursor.next_pos, record.documents)
+                            "publishing again from there", self.keys.job, state.cursor.next_pos, self.publisher.stop)
                 self._redis(lambda: create_or_check(self.client, self.keys, record), "check the job record")
                 self._publish_rest(record, report, progress)
                 continue
@@ -207,7 +217,8 @@ class Producer:
                      progress: Progress) -> None:
         while True:  # a pass ends at the source's end, or restarts when Redis moved the cursor back
             rewind = None
-            for batch, payload in self._with_payloads(plan_batches(self.source, rules, start_seq=seq, start_pos=pos)):
+            batches = plan_batches(self.source, rules, start_seq=seq, start_pos=pos, stop_pos=self.publisher.stop)
+            for batch, payload in self._with_payloads(batches):
                 if self.stopping():
                     return
                 letters = [deadletter.encode(letter) for letter in self._dead_letters(batch)]
@@ -230,7 +241,7 @@ class Producer:
                 report.batches += 1 if payload else 0
                 report.published_documents += batch.documents
                 report.rejected += len(batch.rejected)
-                progress(batch.next_pos, record.documents)
+                progress(batch.next_pos - self.publisher.start, report.documents)
             if rewind is None:
                 return
             seq, pos = rewind.next_seq, rewind.next_pos

@@ -6,9 +6,8 @@ Three stages run concurrently, joined by small bounded queues:
     engine (caller)  bucket by length -> engine, double-buffered -> embeddings
     commit thread    Parquet part -> fsync -> settle (manifest + dead letters + XACK) -> rename
 
-A first SIGTERM or SIGINT stops reading; what was read is embedded and committed, then the worker
-exits 0. A second signal exits at once: whatever was not committed stays pending in Redis and is
-reclaimed by another worker after the lease, so nothing is lost either way.
+A first SIGTERM or SIGINT stops reading and commits what was read, then exits 0; a second exits at
+once, and what was not committed stays pending, reclaimed after the lease: nothing is lost.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from embedq.worker.output import OutputDir
 from embedq.worker.pipeline import END, Work, embed_stream
 from embedq.worker.signals import drain_on_signal
 from embedq.worker.window import DocumentRules, Window, WindowSizer
-from embedq.worker.writer import PartWriter, output_schema, part_metadata
+from embedq.worker.writer import PartWriter, part_metadata, stored_schema
 
 log = logging.getLogger("embedq.worker")
 # The worker's periodic progress lines: a command that shows its own progress display quiets them.
@@ -89,7 +88,7 @@ class Worker:
         self._stall_checked = time.monotonic() - 50  # the first check 10 s after the start
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
                                    vocab_size=model.vocab_size, max_tokens=model.max_seq_len, id_type=record.id_type)
-        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len).encode
+        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len, prompt=model.prompt).encode
         self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
         self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=max(2, options.commit_threads))
         self._stop_reading = threading.Event()
@@ -105,10 +104,10 @@ class Worker:
             canary=Tokenizer(model.tokenizer_file, model.max_seq_len).encode(["embedq canary"]),
             committer=self.committer, in_flight=self.in_flight, count_failure=self._count_failure,
             max_failures=options.max_failures, max_deliveries=options.max_deliveries, worker=self.id)
-        schema = output_schema(record.id_type, model.dim, options.output_dtype, part_metadata(
-            keys.job, model.describe(), engine.name, engine.config.precision))
+        schema = stored_schema(record.id_type, model.dim, stored := record.output_format().check(model.dim),
+                               part_metadata(keys.job, model.describe(), engine.name, engine.config.precision))
         self._writer = PartWriter(output, schema, disk_retry_seconds=options.disk_retry_seconds,
-                                  stopping=self._abort.is_set)
+                                  stopping=self._abort.is_set, output_format=stored)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -148,9 +147,10 @@ class Worker:
         return self.report
 
     def finalize(self) -> None:
-        """Make the complete job's output final: every committed part visible, orphans set aside,
-        `_manifest.json` and `_dead_letters.jsonl` written, then `finalized` recorded in Redis."""
-        finalize_output(self.client, self.keys, self.output, self.record, retry=self._redis)
+        """Make the complete job's output final (parts visible, orphans aside, `_manifest.json`,
+        `_dead_letters.jsonl`, then `finalized` in Redis; its copies in Redis expire later)."""
+        finalize_output(self.client, self.keys, self.output, self.record, retry=self._redis,
+                        finished_ttl=self.options.finished_ttl)
 
     def stop(self) -> None:
         """Stop reading; finish and commit what is on the engine, hand back what is not, within

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from embedq.cli.exporter import serve_metrics
+from embedq.cli.incremental import DedupeOpt, IncrementalOpt, IncrementalOutOpt, NewRecordOpt, StateOpt
 from embedq.cli.options import (
     DEFAULTS,
     AllowDupOpt,
@@ -27,6 +28,8 @@ from embedq.cli.options import (
     BackendOpt,
     BacklogOpt,
     BatchSizeOpt,
+    CalibrationDocsOpt,
+    CalibrationOpt,
     DeliveriesOpt,
     DeviceOpt,
     DtypeOpt,
@@ -48,6 +51,8 @@ from embedq.cli.options import (
     PrecisionOpt,
     PrefixOpt,
     PretokOpt,
+    PromptNameOpt,
+    PromptOpt,
     RebuildOpt,
     RedisOpt,
     SeqLensOpt,
@@ -61,6 +66,7 @@ from embedq.cli.options import (
     TlsKeyOpt,
     TokenBudgetOpt,
     TokProcOpt,
+    TruncateDimOpt,
     UnpadOpt,
     UntilCompleteOpt,
     WindowOpt,
@@ -79,7 +85,10 @@ if TYPE_CHECKING:
     from embedq.keys import JobKeys
     from embedq.model import ModelInfo
     from embedq.producer.producer import Producer
+    from embedq.producer.slices import Slice
     from embedq.producer.sources import Source
+    from embedq.producer.spec import SourceSpec
+    from embedq.quantization import OutputFormat
     from embedq.tokenization import Encode
     from embedq.worker.output import OutputDir
     from embedq.worker.worker import Worker, WorkerReport
@@ -92,8 +101,10 @@ _Status = TypeVar("_Status")
 
 @contextlib.contextmanager
 def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: ModelInfo, settings: Settings,
-              stopping: Callable[[], bool] = lambda: False, *, until_complete: bool = False) -> Iterator[Producer]:
-    """A producer for the job; with --pretokenize, a tokenizer pool on all cores but one goes with it."""
+              stopping: Callable[[], bool] = lambda: False, *, until_complete: bool = False,
+              output: OutputFormat | None = None, part: Slice | None = None) -> Iterator[Producer]:
+    """A producer for the job (whose vectors are stored as `output`, `cli.calibration`'s); with
+    --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
     from embedq.tokenization import TokenizerPool
 
@@ -103,8 +114,11 @@ def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: Mode
             processes = settings.tokenizer_processes
             if processes is None:
                 processes = max(0, (os.cpu_count() or 1) - 1)
-            pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
-        options = dataclasses.replace(ProducerOptions.from_settings(settings), until_complete=until_complete)
+            pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes,
+                                                     prompt=model.prompt))
+        options = ProducerOptions.from_settings(settings)
+        options = dataclasses.replace(options, until_complete=until_complete, output=output or options.output,
+                                      part=part or options.part)
         yield Producer(client, keys, source, model, options, tokenizer=pool, stopping=stopping)
 
 
@@ -115,11 +129,20 @@ def produce(
     fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
     text_unit: TextUnitOpt = "line",
     model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
+    prompt: PromptOpt = None, prompt_name: PromptNameOpt = None,
+    output_dtype: DtypeOpt = DEFAULTS.output_dtype, truncate_dim: TruncateDimOpt = None,
+    calibration: CalibrationOpt = None, calibration_docs: CalibrationDocsOpt = DEFAULTS.calibration_docs,
     batch_size: BatchSizeOpt = DEFAULTS.batch_size, backlog: BacklogOpt = DEFAULTS.backlog,
     max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
     allow_empty: AllowEmptyOpt = DEFAULTS.allow_empty, allow_duplicate_ids: AllowDupOpt = DEFAULTS.allow_duplicate_ids,
     pretokenize: PretokOpt = DEFAULTS.pretokenize,
     until_complete: UntilCompleteOpt = False, metrics_port: MetricsPortOpt = None,
+    slice_of: Annotated[str | None, typer.Option(
+        "--slice", help="Publish only slice K of N of the source (counted from 0), so N producers on N hosts "
+        "publish one job together; every producer of the job must give the same N.", metavar="K/N",
+        envvar="EMBEDQ_SLICE", show_envvar=True, show_default="the whole source")] = None,
+    incremental: IncrementalOpt = False, state: StateOpt = None, out: IncrementalOutOpt = None,
+    new_record: NewRecordOpt = False, dedupe: DedupeOpt = False,
     redis: RedisOpt = DEFAULTS.redis_url, key_prefix: PrefixOpt = DEFAULTS.key_prefix, tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -127,8 +150,29 @@ def produce(
     """Publish SOURCE as job NAME: batches go to the job's Redis stream for workers to embed.
 
     Safe to kill and run again: it resumes after the last batch it published, never twice. With
-    --until-complete it stays until the job is complete and publishes again what Redis loses.
+    --until-complete it stays until the job is complete and publishes again what Redis loses. With
+    --incremental --state DIR --out DIR it publishes only what changed since the last incremental
+    run, as a job of its own (the command to run its workers is printed).
     """
+    if incremental or state is not None:
+        from embedq.cli.incremental import produce_incremental
+
+        if slice_of is not None:
+            raise UsageError("--slice and --incremental do not go together: the delta is one small job")
+        produce_incremental(ctx, source_spec(ctx.params), out, job, state, new_record=new_record, dedupe=dedupe,
+                            publish=lambda ctx, spec, job: publish_source(ctx, spec, job, until_complete))
+        return
+    from embedq.producer.slices import parse_slice
+
+    publish_source(ctx, source_spec(ctx.params), job, until_complete,
+                   part=parse_slice(slice_of) if slice_of is not None else None)
+
+
+def publish_source(ctx: typer.Context, spec: SourceSpec, job: str, until_complete: bool = False,
+                   part: Slice | None = None) -> None:
+    """`embedq produce`'s publishing: `spec` (slice `part` of it) as job `job`, with the command's settings."""
+    from embedq import job as job_record
+    from embedq.cli.calibration import job_output_format
     from embedq.producer.sources import open_source
     from embedq.progress import ProgressReport
 
@@ -136,8 +180,9 @@ def produce(
     client = connect(settings)
     keys = job_keys(job, settings)
     info = load_model(settings)
-    with open_source(source_spec(ctx.params)) as src, producer_for(client, keys, src, info, settings,
-                                                                until_complete=until_complete) as producer, \
+    with open_source(spec) as src, \
+            producer_for(client, keys, src, info, settings, until_complete=until_complete, output=job_output_format(
+                settings, info, src, job_record.load(client, keys)), part=part) as producer, \
             serve_metrics(settings.metrics_port, client, keys, producer=lambda: producer):
         record = producer.prepare()
         with ProgressReport(f"produce {job}", record.documents) as bar:
@@ -175,12 +220,12 @@ def _wait_for_job(client: redis.Redis, keys: JobKeys, wait: bool) -> JobRecord:
 def _worker_model(settings: Settings, record: JobRecord) -> ModelInfo:
     """The model a worker loads: --model, else the job's model path if it exists here, else the default."""
     if settings.model is not None:
-        return load_model(settings)
+        return load_model(settings).with_overrides(prompt=record.prompt)  # the job's prompt, not the default
     from embedq.model import load_model_info
 
     path = record.model_path if Path(record.model_path).is_dir() else None
     info = load_model_info(path, pooling=record.pooling, normalize=record.normalize,
-                           max_seq_len=record.max_seq_len)
+                           max_seq_len=record.max_seq_len, prompt=record.prompt)
     if info.digest != record.model_digest:
         raise JobMismatch(
             f"Job {record.job!r} was produced with model {record.model} ({record.model_digest}), which is not at "
@@ -204,7 +249,7 @@ def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Enc
     processes = settings.tokenizer_processes
     if processes is None:
         processes = default_tokenizer_processes(device, info.tokenizer_file)
-    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes) as pool:
+    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes, prompt=info.prompt) as pool:
         yield pool.encode
 
 
@@ -294,6 +339,7 @@ def work(
         info = _worker_model(settings, record)
         STARTUP.mark("model files")
         check_model(record, info)  # before the engine: building one can take minutes
+        _check_output_dtype(record, settings)
         with worker_for(client, keys, record, info, output, settings) as worker:
             started.append(worker)
             report = worker.run()
@@ -304,6 +350,14 @@ def work(
                                                         else "stopped")
     typer.echo(f"worker {report.worker}: {report.documents:,} documents in {plural(report.parts, 'part')}, "
                f"{report.dead_documents:,} dead-lettered, {duration(report.seconds)} ({state})")
+
+
+def _check_output_dtype(record: JobRecord, settings: Settings) -> None:
+    """A worker asked for another output type than its job's (the producer fixes it, for all parts alike)."""
+    if settings.output_dtype not in (record.output_dtype, DEFAULTS.output_dtype):
+        raise JobMismatch(f"Job {record.job!r} stores {record.output_dtype} vectors, not {settings.output_dtype}: "
+                          "the output type is fixed when the job is produced (`embedq produce --output-dtype`); "
+                          "leave --output-dtype out of `embedq work`.")
 
 
 def log_startup(report: WorkerReport) -> None:

@@ -27,6 +27,7 @@ _PRODUCER = "Producer"
 _WORKER = "Worker"
 _OPERATIONS = "Operations"
 _NODE = "Node"
+_OUTPUT = "Output"
 
 # Choices, as the types of their options: `--help` lists them and a wrong one is a usage error.
 Format = Literal["auto", "parquet", "jsonl", "csv", "text"]
@@ -103,6 +104,27 @@ NormalizeOpt = Annotated[bool | None, typer.Option(
 MaxSeqOpt = Annotated[int | None, setting(
     "max_seq_len", "--max-seq-len", help="Truncate documents to this many tokens.", panel=_MODEL, metavar="TOKENS",
     default="the model's maximum")]
+
+PromptOpt = Annotated[str | None, setting(
+    "prompt", "--prompt", help="Text put before every document, counted in its tokens (\"\" for none); wins over "
+    "--prompt-name.", panel=_MODEL, metavar="TEXT", default="the model's default prompt, if it has one")]
+PromptNameOpt = Annotated[str | None, setting(
+    "prompt_name", "--prompt-name", help="Put the model's prompt of this name (its "
+    "config_sentence_transformers.json `prompts`, such as query or document) before every document.",
+    panel=_MODEL, metavar="NAME", default="the model's default_prompt_name")]
+
+# -- Output (fixed by the job's producer: every worker writes the job's parts alike)
+
+TruncateDimOpt = Annotated[int | None, setting(
+    "truncate_dim", "--truncate-dim", help="Keep the first N dimensions (Matryoshka models), renormalized when the "
+    "model normalizes.", panel=_OUTPUT, metavar="N", default="all")]
+CalibrationOpt = Annotated[str | None, setting(
+    "calibration", "--calibration", help="For int8/uint8 output: the ranges, as a .npy or .json [[min...], "
+    "[max...]], or a Parquet file of float embeddings to take them from.", panel=_OUTPUT, metavar="FILE",
+    default="from --calibration-docs documents of the source")]
+CalibrationDocsOpt = Annotated[int, setting(
+    "calibration_docs", "--calibration-docs", help="Documents of the source embedded to calibrate int8/uint8 "
+    "output (in runs spread over the source).", panel=_OUTPUT, metavar="N")]
 
 # -- Producer
 
@@ -196,7 +218,8 @@ ShutdownOpt = Annotated[float, setting(
     "shutdown_timeout", "--shutdown-timeout", help="Seconds to finish the work on the engine after SIGTERM or "
     "Ctrl-C; the rest is handed back at once.", panel=_WORKER, metavar="SECONDS")]
 DtypeOpt = Annotated[OutputDtype, setting(
-    "output_dtype", "--output-dtype", help="Type of the embeddings in the Parquet output.", panel=_WORKER)]
+    "output_dtype", "--output-dtype", help="Type of the embeddings in the Parquet output (binary types: 8 "
+    "dimensions a byte); fixed by the job's producer.", panel=_OUTPUT)]
 AllowDeadOpt = Annotated[bool, flag(
     "--allow-dead-letters", help="Count dead-lettered documents as accounted for: exit 0 when the job is "
     "complete with dead letters (they are listed in the output's _dead_letters.jsonl), instead of 8.")]

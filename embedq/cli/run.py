@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from embedq.cli.exporter import serve_metrics
+from embedq.cli.incremental import DedupeOpt, IncrementalOpt, NewRecordOpt, StateOpt
 from embedq.cli.jobs import EngineStarting, log_startup, producer_for, worker_for
 from embedq.cli.options import (
     DEFAULTS,
@@ -26,6 +27,8 @@ from embedq.cli.options import (
     BackendOpt,
     BacklogOpt,
     BatchSizeOpt,
+    CalibrationDocsOpt,
+    CalibrationOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -41,6 +44,8 @@ from embedq.cli.options import (
     PrecisionOpt,
     PrefixOpt,
     PretokOpt,
+    PromptNameOpt,
+    PromptOpt,
     RebuildOpt,
     RedisOpt,
     SeqLensOpt,
@@ -53,6 +58,7 @@ from embedq.cli.options import (
     TlsKeyOpt,
     TokenBudgetOpt,
     TokProcOpt,
+    TruncateDimOpt,
     UnpadOpt,
     WindowOpt,
     WindowSecondsOpt,
@@ -70,6 +76,7 @@ if TYPE_CHECKING:
     from embedq.keys import JobKeys
     from embedq.model import ModelInfo
     from embedq.producer.producer import Producer
+    from embedq.producer.spec import SourceSpec
     from embedq.status import JobStatus
     from embedq.worker.output import OutputDir
     from embedq.worker.worker import Worker, WorkerReport
@@ -87,6 +94,7 @@ def run(
     fmt: FormatOpt = "auto", id_field: IdFieldOpt = None, text_field: TextFieldOpt = "text",
     text_unit: TextUnitOpt = "line",
     model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
+    prompt: PromptOpt = None, prompt_name: PromptNameOpt = None,
     batch_size: BatchSizeOpt = DEFAULTS.batch_size, backlog: BacklogOpt = DEFAULTS.backlog,
     max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
     allow_empty: AllowEmptyOpt = DEFAULTS.allow_empty, allow_duplicate_ids: AllowDupOpt = DEFAULTS.allow_duplicate_ids,
@@ -97,11 +105,14 @@ def run(
 
     rebuild_engines: RebuildOpt = DEFAULTS.rebuild_engines, window_docs: WindowOpt = DEFAULTS.window_docs,
     window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,
-    output_dtype: DtypeOpt = DEFAULTS.output_dtype,
+    output_dtype: DtypeOpt = DEFAULTS.output_dtype, truncate_dim: TruncateDimOpt = None,
+    calibration: CalibrationOpt = None, calibration_docs: CalibrationDocsOpt = DEFAULTS.calibration_docs,
     pretokenize: PretokOpt = DEFAULTS.pretokenize, redis: RedisOpt = DEFAULTS.redis_url,
     key_prefix: PrefixOpt = DEFAULTS.key_prefix,
     tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
     allow_dead_letters: AllowDeadOpt = False, metrics_port: MetricsPortOpt = None,
+    incremental: IncrementalOpt = False, state: StateOpt = None, new_record: NewRecordOpt = False,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Embed SOURCE into the --out directory, end to end on this machine (producer and worker in one process).
 
@@ -110,7 +121,24 @@ def run(
     --redis if one answers, otherwise a private redis-server that keeps its data in DIR/.embedq-redis,
     so resuming and `embedq verify` work there too; an object-store --out (s3://BUCKET/PREFIX) needs
     --redis. Exits 8 if documents were dead-lettered, unless --allow-dead-letters.
+
+    With --incremental --state DIR, it embeds only the documents that are new or changed since the
+    last run with that state, into a new folder under --out, and records deletions; `embedq snapshot`
+    writes the full view.
     """
+    if incremental or state is not None:
+        from embedq.cli.incremental import run_incremental
+
+        run_incremental(ctx, source_spec(ctx.params), out, job, state, embed=embed_job, new_record=new_record,
+                        dedupe=dedupe, allow_dead_letters=allow_dead_letters)
+        return
+    embed_job(ctx, source_spec(ctx.params), out, job, allow_dead_letters)
+
+
+def embed_job(ctx: typer.Context, spec: SourceSpec, out: str, job: str | None, allow_dead_letters: bool) -> None:
+    """`embedq run`'s job: the source `spec` into `out` as job `job` (None: named from the source)."""
+    from embedq import job as job_record
+    from embedq.cli.calibration import job_output_format
     from embedq.connection import redis_for_run
     from embedq.producer.sources import open_source
     from embedq.status import read_status
@@ -125,7 +153,7 @@ def run(
     with contextlib.ExitStack() as stack:
         # The engine starts now, in a thread: Redis, the source scan and the job's creation need none.
         starting = stack.enter_context(contextlib.closing(EngineStarting(settings, info)))
-        src = stack.enter_context(open_source(source_spec(ctx.params)))
+        src = stack.enter_context(open_source(spec))
         url = stack.enter_context(
             redis_for_run(settings.redis_url, output_dir=output.path, explicit=redis_named(ctx, settings), log=log.info)
             if isinstance(output, LocalDir) else contextlib.nullcontext(settings.redis_url))
@@ -135,7 +163,7 @@ def run(
         client = connect(settings)
         STARTUP.mark("Redis")
         scan = src.scan()
-        name = job or default_job_name(source, scan.fingerprint)
+        name = job or default_job_name(spec.path, scan.fingerprint)
         keys = job_keys(name, settings)
         before = read_status(client, keys)
         _check_output(client, keys, output, before.output)  # before anything is published
@@ -144,7 +172,9 @@ def run(
             return
         # The producer thread stays until the job is complete: if Redis loses the end of its
         # publishing (a restart without its last second), it publishes that again while the worker waits.
-        producer = stack.enter_context(producer_for(client, keys, src, info, settings, until_complete=True))
+        stored = job_output_format(settings, info, src, job_record.load(client, keys), engine=starting.started)
+        producer = stack.enter_context(producer_for(client, keys, src, info, settings, until_complete=True,
+                                                    output=stored))
         producer.scan = scan
         workers: list[Worker] = []  # the worker, once its engine has started
         stack.enter_context(serve_metrics(settings.metrics_port, client, keys, producer=lambda: producer,

@@ -116,8 +116,9 @@ def source_spec(params: Mapping[str, Any]) -> SourceSpec:
 
 def load_model(settings: Settings, path: str | None = None) -> ModelInfo:
     """The model at `path`, else the settings' model (else the bundled one), with the settings'
-    pooling, normalization and maximum length."""
+    pooling, normalization, maximum length and prompt."""
     from embedq.model import load_model_info
 
     return load_model_info(path if path is not None else settings.model, pooling=settings.pooling,
-                           normalize=settings.normalize, max_seq_len=settings.max_seq_len)
+                           normalize=settings.normalize, max_seq_len=settings.max_seq_len, prompt=settings.prompt,
+                           prompt_name=settings.prompt_name)

@@ -47,7 +47,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
 
 def test_help_shows_choices_defaults_and_variables_as_typer_does() -> None:
     text = help_text("work")
-    assert "<auto|fp32|fp16|bf16>" in text and "<float32|float16>" in text  # choices, as choices
+    assert "<auto|fp32|fp16|bf16>" in text and "<float32|float16|int8|uint8|binary|ubinary>" in text  # choices
     assert re.search(r"--window-docs\s+N\s", text) and "[env var: EMBEDQ_WINDOW_DOCS]" in text
     assert re.search(r"Default: \d", text) is None  # defaults are not in the prose ...
     for shown in ("[default: 16384]", "[default: 30.0]", "[default: auto]", "[default: cuda-graphs]",

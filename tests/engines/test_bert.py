@@ -59,6 +59,17 @@ def test_native_bert_matches_transformers_padded_and_unpadded(
     np.testing.assert_allclose(unpadded, reference, atol=2e-6)
 
 
+@pytest.mark.parametrize("pooling", [Pooling.MEAN, Pooling.CLS])
+def test_a_prompt_left_out_of_pooling_is_left_out_padded_and_unpadded(
+    pooling: Pooling, model_info: ModelInfo, spread: TokenizedDocs, profiles: tuple[Profile, ...]
+) -> None:
+    # transformers' side pools with `pooling_head`, whose leaving out is pinned by test_pooling.py.
+    model = dataclasses.replace(model_info, pooling=pooling, include_prompt=False, prompt_tokens=4)
+    reference, padded, unpadded = _both(model, spread.take(np.arange(0, len(spread), 3)), profiles)
+    np.testing.assert_allclose(padded, reference, atol=2e-6)
+    np.testing.assert_allclose(unpadded, reference, atol=2e-6)
+
+
 def test_a_checkpoint_with_a_head_is_read_under_its_bert_prefix(
     model_info: ModelInfo, spread: TokenizedDocs, profiles: tuple[Profile, ...], tmp_path: Path
 ) -> None:

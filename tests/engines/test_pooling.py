@@ -72,3 +72,22 @@ def test_half_precision_states_pool_to_float32() -> None:
 
     assert pooled.dtype == torch.float32
     np.testing.assert_allclose(pooled.numpy(), pool_reference(hidden, LENGTHS, Pooling.MEAN, True), atol=2e-3)
+
+
+@pytest.mark.parametrize("pooling", list(Pooling))
+def test_a_prompt_left_out_of_pooling_is_left_out_on_the_device_as_in_the_reference(pooling: Pooling) -> None:
+    hidden = _hidden(3)
+    skip = 3  # LENGTHS holds rows shorter than, equal to and longer than the prompt
+    pooled = pooling_head(pooling, True, skip)(torch.from_numpy(hidden), torch.from_numpy(LENGTHS))
+    reference = pool_reference(hidden, LENGTHS, pooling, True, skip)
+    np.testing.assert_allclose(pooled.numpy(), reference, rtol=1e-5, atol=1e-6)
+    long = skip < LENGTHS
+    if pooling is Pooling.MEAN:  # the mean of the text's tokens only; a row that is all prompt pools to zero
+        text = hidden[2, skip:12].mean(axis=0)
+        np.testing.assert_allclose(reference[2], text / np.linalg.norm(text), rtol=1e-5)
+        assert not reference[~long].any()
+    elif pooling is Pooling.CLS:  # sentence-transformers: the first token still in the mask
+        np.testing.assert_allclose(reference[long], pool_reference(hidden[long, skip:], LENGTHS[long] - skip,
+                                                                   Pooling.CLS, True), rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(reference, pool_reference(hidden, LENGTHS, pooling, True))
