@@ -9,6 +9,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from embedq.bench.corpus import load_corpus
 from embedq.bench.end_to_end import run_scenario
@@ -53,22 +54,17 @@ def run_bench(corpora: list[tuple[str, Path]], models: list[str], tokenize: list
     precision_report: dict[str, float] | None = None
     with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp, bench_redis(redis_url) as url:
         work = Path(tmp)
-        for model_name in models:
-            model = base if model_name == "minilm" else load_model_info(
-                build_random_model(work / model_name, model_name, base))
-            for corpus_name, corpus_path in corpora:
-                for mode in tokenize:
-                    scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
-                                        repeat=repeat, limit=limit, device=device, precision=precision,
-                                        cuda_graphs=cuda_graphs, unpad=unpad)
-                    log.info("bench: %s", scenario.label)
-                    result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
-                                          tokenizer_processes=tokenizer_processes,
-                                          baselines=baselines and mode == tokenize[0],
-                                          token_budget=token_budget, window_docs=window_docs)
-                    results.append(result)
-                    log.info("bench: %s", json.dumps(result.summary()))
-                    save_results(json_path, results, None)  # a run cut short still leaves what it measured
+        for scenario, model, corpus_path in _scenarios(work, base, models, corpora, tokenize, repeat=repeat,
+                                                       limit=limit, device=device, precision=precision,
+                                                       cuda_graphs=cuda_graphs, unpad=unpad):
+            log.info("bench: %s", scenario.label)
+            result = run_scenario(scenario, model, corpus_path, url, work, out_dir=out_dir or work,
+                                  tokenizer_processes=tokenizer_processes,
+                                  baselines=baselines and scenario.pretokenize == (tokenize[0] == "producer"),
+                                  token_budget=token_budget, window_docs=window_docs)
+            results.append(result)
+            log.info("bench: %s", json.dumps(result.summary()))
+            save_results(json_path, results, None)  # a run cut short still leaves what it measured
         if check_precision and device.startswith("cuda"):
             texts = [t for _, path in corpora for t in load_corpus(path, 1, limit)[1]]
             precision_report = precision_check(base, texts, device, token_budget)
@@ -87,17 +83,25 @@ def _run_fleet_bench(corpora: list[tuple[str, Path]], models: list[str], tokeniz
     results: list[FleetResult] = []
     with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp, bench_redis(redis_url) as url:
         work = Path(tmp)
-        for model_name in models:
-            model = base if model_name == "minilm" else load_model_info(
-                build_random_model(work / model_name, model_name, base))
-            for corpus_name, corpus_path in corpora:
-                for mode in tokenize:
-                    scenario = Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
-                                        repeat=repeat, limit=limit, device=device, precision=precision,
-                                        cuda_graphs=cuda_graphs, unpad=unpad)
-                    log.info("bench: %s on %s GPU(s)", scenario.label, ", ".join(map(str, gpu_counts)))
-                    results += run_fleet(scenario, model, corpus_path, url, work, gpu_counts=gpu_counts,
-                                         out_dir=out_dir or work, tokenizer_processes=tokenizer_processes,
-                                         token_budget=token_budget, window_docs=window_docs)
-                    json_path.write_text(json.dumps({"fleet": [r.summary() for r in results]}, indent=1))
+        for scenario, model, corpus_path in _scenarios(work, base, models, corpora, tokenize, repeat=repeat,
+                                                       limit=limit, device=device, precision=precision,
+                                                       cuda_graphs=cuda_graphs, unpad=unpad):
+            log.info("bench: %s on %s GPU(s)", scenario.label, ", ".join(map(str, gpu_counts)))
+            results += run_fleet(scenario, model, corpus_path, url, work, gpu_counts=gpu_counts,
+                                 out_dir=out_dir or work, tokenizer_processes=tokenizer_processes,
+                                 token_budget=token_budget, window_docs=window_docs)
+            json_path.write_text(json.dumps({"fleet": [r.summary() for r in results]}, indent=1))
     print(render_fleet(results))
+
+
+def _scenarios(work: Path, base: ModelInfo, models: list[str], corpora: list[tuple[str, Path]], tokenize: list[str],
+               **settings: Any) -> Iterator[tuple[Scenario, ModelInfo, Path]]:
+    """Every scenario of models x corpora x tokenize modes, with its model (random weights built in
+    `work` for the shapes other than MiniLM) and its corpus file."""
+    for model_name in models:
+        model = base if model_name == "minilm" else load_model_info(
+            build_random_model(work / model_name, model_name, base))
+        for corpus_name, corpus_path in corpora:
+            for mode in tokenize:
+                yield Scenario(corpus=corpus_name, model=model_name, pretokenize=(mode == "producer"),
+                               **settings), model, corpus_path

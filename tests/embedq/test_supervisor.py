@@ -111,6 +111,12 @@ def half_job(redis_client: redis.Redis, job_name: str, tiny_model: Path, tmp_pat
     return keys, publish_the_rest
 
 
+def node_args(job: JobKeys, out: Path, redis_url: str) -> list[str]:
+    """`embedq work --workers 2` on CPU for `job`."""
+    return ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
+            "--lease-seconds", "2", "--window-docs", "200"]
+
+
 def children_env(redis_url: str) -> dict[str, str]:
     return {**os.environ, "EMBEDQ_REDIS_URL": redis_url, "EMBEDQ_BACKEND": "torch", "PYTHONUNBUFFERED": "1"}
 
@@ -176,8 +182,7 @@ def test_sigterm_drains_every_worker_then_another_run_finishes_exactly_once(
         tmp_path: Path) -> None:
     job, publish_the_rest = half_job
     out, log = tmp_path / "out", tmp_path / "node.log"
-    args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
-            "--lease-seconds", "2", "--window-docs", "200"]
+    args = node_args(job, out, redis_url)
     node = embedq_process(*args, log=log)
     wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
     node.send_signal(signal.SIGTERM)
@@ -223,8 +228,7 @@ def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis,
     the children, so no worker is left running without its supervisor."""
     job, publish_the_rest = half_job
     out, log = tmp_path / "out", tmp_path / "node.log"
-    args = ["work", "--workers", "2", "--device", "cpu", "--job", job.job, "--out", str(out), "--redis", redis_url,
-            "--lease-seconds", "2", "--window-docs", "200"]
+    args = node_args(job, out, redis_url)
     node = embedq_process(*args, log=log)
     wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
     pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log.read_text())]
