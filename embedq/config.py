@@ -53,6 +53,10 @@ class Settings:
     truncate_dim: int | None = None  # keep the first N dimensions (Matryoshka models), renormalized
     calibration: str | None = None  # int8/uint8 ranges from this file; None: from a sample of the source
     calibration_docs: int = 1000  # documents of that sample
+    # Long documents: cut into chunks of this many tokens (0: truncate at max_seq_len instead), each a
+    # row of its own, neighbours sharing `chunk_overlap` tokens (`embedq.chunking`)
+    chunk_tokens: int = 0
+    chunk_overlap: int = 0
     # Producer
     batch_size: int = 512  # documents per stream message
     max_doc_bytes: int = Limits.max_doc_bytes
@@ -153,6 +157,8 @@ def check(name: str, value: Any) -> str | None:
         return f"must be 0 (keep them) or a number of seconds; got {value}"
     if name == "tokenizer_processes" and value is not None and value < 0:
         return f"must be 0 (tokenize in the worker) or more; got {value}"
+    if name in ("chunk_tokens", "chunk_overlap") and value < 0:
+        return f"must be 0 or more; got {value}"
     if name == "lease_seconds" and value < 1:
         return f"must be at least 1; got {value}"
     if name == "seq_lens" and value is not None:

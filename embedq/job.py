@@ -16,12 +16,14 @@ import msgspec
 import redis
 
 from embedq import __version__
+from embedq.chunking import Chunking
 from embedq.config import Settings
 from embedq.errors import JobMismatch, ModelError, UsageError
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo, default_model_path
 from embedq.protocol import SCHEMA_VERSION, Limits
 from embedq.quantization import OutputFormat, from_record
+from embedq.tokenization import Tokenizer
 
 _RECORD_FIELD = "record"
 
@@ -60,6 +62,10 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     truncate_dim: int | None = None
     quantization_ranges: list[list[float]] | None = None
     calibration: str = ""
+    # Long documents cut into chunks of this many tokens (0: none), neighbours sharing `chunk_overlap`
+    # text tokens (`embedq.chunking`), fixed here so every worker cuts alike.
+    chunk_tokens: int = 0
+    chunk_overlap: int = 0
 
     @property
     def limits(self) -> Limits:
@@ -69,6 +75,13 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
         """How this job's vectors are stored: every worker writes them alike."""
         return from_record(self.output_dtype, self.truncate_dim, self.normalize, self.quantization_ranges,
                            self.calibration)
+
+    def chunking(self, model: ModelInfo) -> Chunking | None:
+        """How this job cuts documents for `model`'s tokenizer and prompt, or None if it does not."""
+        if not self.chunk_tokens:
+            return None
+        tokenizer = Tokenizer(model.tokenizer_file, model.max_seq_len, prompt=self.prompt, truncate=False)
+        return Chunking.for_tokenizer(tokenizer, self.chunk_tokens, self.chunk_overlap)
 
     def model_fields(self) -> dict[str, Any]:
         return {"model": self.model, "model_digest": self.model_digest, "dimension": self.dimension,
@@ -297,6 +310,8 @@ def produce_command(record: JobRecord, keys: JobKeys) -> str:
         args += ["--output-dtype", record.output_dtype]
     if record.truncate_dim is not None:
         args += ["--truncate-dim", str(record.truncate_dim)]
+    if record.chunk_tokens:
+        args += ["--chunk", str(record.chunk_tokens), "--overlap", str(record.chunk_overlap)]
     if record.batch_size != Settings.batch_size:
         args += ["--batch-size", str(record.batch_size)]
     if record.max_doc_bytes != Settings.max_doc_bytes:

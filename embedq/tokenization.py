@@ -105,7 +105,7 @@ class Tokenizer:
     """
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, *,
-                 library: str = "auto", prompt: str = "") -> None:
+                 library: str = "auto", prompt: str = "", truncate: bool = True) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         path = Path(tokenizer_file)
@@ -118,12 +118,20 @@ class Tokenizer:
         # max_seq_len, and the prompt's tokens count in every length).
         self.prompt = prompt
         self._tok.no_padding()
-        # The special ids after the text ([SEP], Qwen3-Embedding's <|endoftext|>): truncation keeps them.
-        self.tail = _special_tail(self._tok)
+        # The special ids before the text ([CLS]) and after it ([SEP], Qwen3-Embedding's <|endoftext|>):
+        # truncation keeps the tail, and chunking (`embedq.chunking`) puts both on every chunk.
+        self.head, self.tail = _special_ends(self._tok)
+        self.prompt_tokens = len(self._tok.encode(prompt, add_special_tokens=False).ids) if prompt else 0
+        # Without truncation (chunked jobs) every id of a document is kept: the length limit is then
+        # the chunk's, applied by whoever cuts the documents.
+        self.truncate = truncate
         # One id more than allowed: a row that long was cut, and `_cut` makes it what truncation at
         # max_seq_len gives (its first max_seq_len - tail ids and the tail), so both libraries say
         # alike which documents were truncated.
-        self._tok.enable_truncation(max_length=max_seq_len + 1)
+        if truncate:
+            self._tok.enable_truncation(max_length=max_seq_len + 1)
+        else:
+            self._tok.no_truncation()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._fast = _nanotoken(path) if library == "auto" else None
         if self._fast is not None and not self._agrees(self._fast):
@@ -137,22 +145,28 @@ class Tokenizer:
         if self.prompt:
             texts = [self.prompt + text for text in texts]
         if self._fast is not None:
-            ids, offsets = self._fast.encode_batch(texts, add_special_tokens=True, max_length=self.max_seq_len + 1,
-                                                   parallel=False)
-            return _cut(ids, np.diff(offsets), self.max_seq_len, self.tail)
+            ids, offsets = self._fast.encode_batch(texts, add_special_tokens=True, parallel=False,
+                                                   max_length=self.max_seq_len + 1 if self.truncate else None)
+            return self._cut(ids, np.diff(offsets))
         # encode_batch_fast skips the character offsets, which embedq never reads.
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=True)
         rows = [e.ids for e in encodings]  # each read of `ids` builds a list: once per document
         lengths = np.fromiter(map(len, rows), dtype=np.int32, count=len(rows))
         tokens = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-        return _cut(tokens, lengths, self.max_seq_len, self.tail)
+        return self._cut(tokens, lengths)
+
+    def _cut(self, tokens: np.ndarray, lengths: np.ndarray) -> TokenizedDocs:
+        if self.truncate:
+            return _cut(tokens, lengths, self.max_seq_len, self.tail)
+        lengths = lengths.astype(np.int32, copy=False)
+        return TokenizedDocs(tokens.astype(np.int32, copy=False), lengths, np.zeros(lengths.shape, bool))
 
     def _agrees(self, fast: Any) -> bool:
         """Whether `fast` gives the ids of `tokenizers` on SELF_CHECK (else it is not used, with a warning)."""
         texts = list(SELF_CHECK)
         reference = [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=True)]
-        ids, offsets = fast.encode_batch(texts, add_special_tokens=True, max_length=self.max_seq_len + 1,
-                                         parallel=False)
+        ids, offsets = fast.encode_batch(texts, add_special_tokens=True, parallel=False,
+                                         max_length=self.max_seq_len + 1 if self.truncate else None)
         differs = [t for t, want, start, stop in zip(texts, reference, offsets[:-1], offsets[1:], strict=True)
                    if ids[start:stop].tolist() != want]
         if differs:
@@ -175,13 +189,14 @@ def _nanotoken(path: Path) -> Any:
         return None
 
 
-def _special_tail(tokenizer: Any) -> int:
-    """How many special ids the tokenizer's post-processor puts after a text's own: 1 for BERT's [SEP]
-    or Qwen3-Embedding's <|endoftext|> (which last-token pooling reads), 0 where it adds none."""
+def _special_ends(tokenizer: Any) -> tuple[int, int]:
+    """How many special ids the tokenizer's post-processor puts before and after a text's own: (1, 1)
+    for BERT's [CLS] and [SEP], (0, 1) for Qwen3-Embedding's appended <|endoftext|> (which last-token
+    pooling reads), (0, 0) where it adds none."""
     plain = tokenizer.encode("a b", add_special_tokens=False).ids
     full = tokenizer.encode("a b", add_special_tokens=True).ids
     starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
-    return len(full) - starts[0] - len(plain) if starts else 1
+    return (starts[0], len(full) - starts[0] - len(plain)) if starts else (1, 1)
 
 
 def _cut(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int, tail: int = 1) -> TokenizedDocs:
@@ -202,13 +217,13 @@ def _cut(tokens: np.ndarray, lengths: np.ndarray, max_seq_len: int, tail: int = 
 _process_tokenizer: Tokenizer | None = None
 
 
-def _start_process(tokenizer_file: str, max_seq_len: int, prompt: str = "") -> None:
+def _start_process(tokenizer_file: str, max_seq_len: int, prompt: str = "", truncate: bool = True) -> None:
     global _process_tokenizer
     # One thread per process: the pool's processes are the parallelism, and rayon threads on top
     # would only fight them for the same cores.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _process_tokenizer = Tokenizer(tokenizer_file, max_seq_len, prompt=prompt)
+    _process_tokenizer = Tokenizer(tokenizer_file, max_seq_len, prompt=prompt, truncate=truncate)
 
 
 def _encode_in_process(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,16 +241,17 @@ class TokenizerPool:
     """
 
     def __init__(self, tokenizer_file: str | os.PathLike[str], max_seq_len: int, processes: int,
-                 chunk_size: int = 2048, *, prompt: str = "") -> None:
+                 chunk_size: int = 2048, *, prompt: str = "", truncate: bool = True) -> None:
         self.processes = processes
         self.chunk_size = chunk_size
-        self._local = Tokenizer(tokenizer_file, max_seq_len, prompt=prompt) if processes == 0 else None
+        self._local = (Tokenizer(tokenizer_file, max_seq_len, prompt=prompt, truncate=truncate) if processes == 0
+                       else None)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         if processes > 0:
             # spawn, not fork: the worker process may already hold a CUDA context and threads.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len, prompt))
+                initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len, prompt, truncate))
             # Start every process now, so the first window does not pay for their start-up; not
             # waited for, so that they start while the engine does.
             for _ in range(processes):

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import redis
 
 from embedq import job as job_record
+from embedq.chunking import CHUNK_COLUMNS
 from embedq.config import Settings
 from embedq.deadletter import DUPLICATE_ID
 from embedq.errors import VerificationFailed
@@ -64,6 +65,8 @@ class Verification:
     duplicates_set_aside: int = 0  # repeated source ids the producer dead-lettered (--allow-duplicate-ids)
     missing: int = 0
     duplicated: int = 0
+    chunked: bool = False  # a chunked job: rows are chunks, and documents count whole ones
+    missing_chunks: int = 0  # chunks absent from documents that have others (those documents count as missing)
     unexpected: int = 0
     dead_and_output: int = 0
     invalid_values: int = 0
@@ -77,7 +80,7 @@ class Verification:
     @property
     def ok(self) -> bool:
         counted_dead = 0 if self.allow_dead else self.dead_documents
-        return not (self.missing or self.duplicated or self.unexpected or self.dead_and_output
+        return not (self.missing or self.missing_chunks or self.duplicated or self.unexpected or self.dead_and_output
                     or self.invalid_values or self.problems or counted_dead) and self.complete
 
     def render(self) -> str:
@@ -88,7 +91,8 @@ class Verification:
             f"  dead-lettered      {self.dead_documents:,}" + ("" if self.allow_dead or not self.dead_documents
                                                                 else " (not accepted; see --allow-dead-letters)"),
             f"  missing            {self.missing:,}",
-            f"  duplicated         {self.duplicated:,}",
+            *([f"  missing chunks     {self.missing_chunks:,}"] if self.chunked else []),
+            f"  duplicated         {self.duplicated:,}" + (" (chunks)" if self.chunked else ""),
             f"  not in the source  {self.unexpected:,}",
             f"  invalid values     {self.invalid_values:,}",
         ]
@@ -130,6 +134,8 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
     result.problems += [f"committed part {name} is missing from {output.location}" for name in repaired.missing]
 
     output_hashes = _check_parts(output, repaired.parts, record, result)
+    if record.chunk_tokens:
+        output_hashes = _whole_documents(output_hashes, result)
     letters = dead_letters(client, keys, output=output)  # the finalization may have archived them again
     # A repeated id's letter names an id whose first occurrence is in the output: it accounts for the
     # repeat, not for a missing document.
@@ -165,7 +171,10 @@ def verify_job(client: redis.Redis, keys: JobKeys, out: str, *, source: str | No
 
 def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_record.JobRecord,
                  result: Verification) -> np.ndarray:
+    """Check every committed part; the ids' hashes, with (in a chunked job) columns of chunk index and
+    count: `(rows, 3)` uint64 then, else `(rows,)`."""
     hashes = []
+    result.chunked = bool(record.chunk_tokens)
     for name, entry in sorted(parts.items()):
         file = part_file(name)
         if not output.has_part(name):
@@ -192,10 +201,45 @@ def _check_parts(output: OutputDir, parts: dict[str, PartEntry], record: job_rec
         result.invalid_values += int((~finite).sum())
         result.output_rows += table.num_rows
         ids = table.column("id")
-        hashes.append(hash_ids(ids.to_numpy() if pa.types.is_integer(ids.type) else ids.to_pylist()))
+        id_hashes = hash_ids(ids.to_numpy() if pa.types.is_integer(ids.type) else ids.to_pylist())
         if pc.any(pc.is_null(ids)).as_py():
             result.problems.append(f"{file}: null ids")
-    return np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        if result.chunked:
+            if not set(CHUNK_COLUMNS) <= set(table.schema.names):
+                result.problems.append(f"{file}: a chunked job's part without its {', '.join(CHUNK_COLUMNS)} columns")
+                continue
+            id_hashes = np.stack([id_hashes, *(table.column(name).to_numpy().astype(np.int64).astype(np.uint64)
+                                               for name in ("chunk_index", "n_chunks"))], axis=1)
+        hashes.append(id_hashes)
+    if not hashes:
+        return np.zeros((0, 3) if result.chunked else 0, np.uint64)
+    return np.concatenate(hashes)
+
+
+def _whole_documents(rows: np.ndarray, result: Verification) -> np.ndarray:
+    """A chunked job's rows `(id hash, chunk_index, n_chunks)` as the ids of its whole documents, once
+    each, plus once more per repeated chunk (so `_compare` counts those as duplicated). A document
+    is whole when its chunks 0..n_chunks-1 are there, with one n_chunks; one that is not counts as
+    missing (its absent chunks in `missing_chunks`), with a problem line for a disagreeing n_chunks."""
+    if not rows.shape[0]:
+        return np.zeros(0, np.uint64)
+    order = np.lexsort((rows[:, 1], rows[:, 0]))
+    doc, chunk, count = (rows[order, i] for i in range(3))
+    repeat = np.zeros(doc.shape[0], bool)
+    repeat[1:] = (doc[1:] == doc[:-1]) & (chunk[1:] == chunk[:-1])
+    doc, chunk, count, repeated = doc[~repeat], chunk[~repeat], count[~repeat], doc[repeat]
+    docs, first, present = np.unique(doc, return_index=True, return_counts=True)
+    # Per document: the fewest and most chunks it claims, and its highest chunk index.
+    claimed_min = np.minimum.reduceat(count, first)
+    claimed_max = np.maximum.reduceat(count, first)
+    last = np.maximum.reduceat(chunk, first)
+    disagree = claimed_min != claimed_max
+    if disagree.any():
+        result.problems.append(f"{int(disagree.sum())} document(s) whose chunks disagree on n_chunks")
+    whole = ~disagree & (present == claimed_max) & (last == claimed_max - 1)
+    result.missing_chunks = int(np.maximum(claimed_max.astype(np.int64), last.astype(np.int64) + 1)[~whole].sum()
+                                - present[~whole].sum())
+    return np.concatenate([docs[whole], repeated])
 
 
 def _compare(source: np.ndarray, output: np.ndarray, dead: np.ndarray, result: Verification) -> None:

@@ -3,7 +3,8 @@
 Batch `seq` starts at source position `pos`; both depend only on the source and the batching
 settings, so a producer killed at any moment and run again produces exactly the same batches
 from its recorded cursor `(next_seq, next_pos)` onward. A batch closes at `batch_size` documents
-(good or not) or when its texts reach half the message size limit, whichever comes first.
+(good or not) or when its texts reach half the message size limit (an eighth for a chunked job's
+untruncated token ids), whichever comes first.
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ class BatchRules:
     limits: Limits
     allow_empty: bool = False
     skip_positions: frozenset[int] = frozenset()  # later occurrences of duplicate ids, when allowed
+    # A batch closes when its texts reach this share of the message limit (1/2; 1/8 where the message
+    # carries a chunked job's untruncated token ids, 4 bytes each, at most one per byte of text).
+    text_share: int = 2
 
 
 def plan_batches(source: Source, rules: BatchRules, *, start_seq: int = 0, start_pos: int = 0,
                  stop_pos: int | None = None, chunk_size: int = 8192) -> Iterator[PlannedBatch]:
     """Batches of `source` from cursor (start_seq, start_pos) to the end, or to `stop_pos` (a slice's)."""
-    byte_cap = rules.limits.max_message_bytes // 2
+    byte_cap = rules.limits.max_message_bytes // rules.text_share
     batch = PlannedBatch(seq=start_seq, pos=start_pos, next_pos=start_pos)
     for chunk in source.chunks(start=start_pos, chunk_size=chunk_size):
         if stop_pos is not None and chunk.pos >= stop_pos:

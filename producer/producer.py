@@ -64,6 +64,8 @@ class ProducerOptions:
     watch_seconds: float = 1.0  # how often a producer that stays looks at the job
     part: Slice = field(default_factory=Slice)  # the slice of the source to publish (`--slice K/N`); all by default
     output: OutputFormat = field(default_factory=OutputFormat)  # how the job's vectors are stored (its record)
+    chunk_tokens: int = Settings.chunk_tokens  # long documents cut into chunks (`embedq.chunking`); 0: truncated
+    chunk_overlap: int = Settings.chunk_overlap
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProducerOptions:
@@ -127,7 +129,10 @@ class Producer:
             batch_size=self.options.batch_size, pretokenized=self.encode is not None,
             max_doc_bytes=self.options.limits.max_doc_bytes,
             max_message_bytes=self.options.limits.max_message_bytes, allow_empty=self.options.allow_empty,
-            allow_duplicate_ids=self.options.allow_duplicate_ids, **self.options.output.record_fields())
+            allow_duplicate_ids=self.options.allow_duplicate_ids, chunk_tokens=self.options.chunk_tokens,
+            chunk_overlap=self.options.chunk_overlap if self.options.chunk_tokens else 0,
+            **self.options.output.record_fields())
+        record.chunking(self.model)  # a chunk size the model cannot take is refused before anything is published
         self.record = self._redis(lambda: create_or_check(self.client, self.keys, record), "create the job")
         self.publisher.cover(self.record.documents)
         return self.record
@@ -164,7 +169,9 @@ class Producer:
             return True
         assert self.scan is not None
         skip = frozenset(self.scan.duplicate_positions) if self.options.allow_duplicate_ids else frozenset()
-        rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip)
+        # Whole documents' ids (a chunked job's) take up to 4 bytes per byte of text: batches close sooner.
+        share = 8 if record.chunk_tokens and record.pretokenized else 2
+        rules = BatchRules(self.options.batch_size, self.options.limits, self.options.allow_empty, skip, share)
         while True:
             if cursor.next_pos > self.publisher.start:
                 log.info("resuming job %s at batch %d (document %d of %d)", self.keys.job, cursor.next_seq,

@@ -81,6 +81,7 @@ class Settlement:
     tokens: int = 0
     dead: list[deadletter.DeadLetter] = field(default_factory=list)
     dead_entries: int = 0  # entries dead-lettered whole (unreadable), for the counters
+    documents: int | None = None  # source documents in the part: its rows unless chunks make more rows
 
     @property
     def dead_docs(self) -> int:
@@ -103,7 +104,7 @@ class SettleResult:
 
 _SETTLE = """
 -- KEYS: 1 stream, 2 manifest, 3 stats, 4 dead, 5 failures, 6 condemned
--- ARGV: 1 group, 2 part ('' if none), 3 manifest entry, 4 rows, 5 tokens, 6 dead docs,
+-- ARGV: 1 group, 2 part ('' if none), 3 manifest entry, 4 documents, 5 tokens, 6 dead docs,
 --       7 dead entries, 8 n entry ids, 9 n dead letters, then entry ids, then dead letters
 local part = ARGV[2]
 if part ~= '' and redis.call('HEXISTS', KEYS[2], part) == 1 then
@@ -195,8 +196,9 @@ class Committer:
                 name=part.name, rows=part.rows, tokens=settlement.tokens, bytes=part.bytes,
                 entries=settlement.entries, seqs=settlement.seqs, worker=self.worker,
                 committed_at=time.time()))
+        documents = settlement.documents if settlement.documents is not None else part.rows if part else 0
         args: list[Any] = [
-            GROUP, part.name if part else "", entry, part.rows if part else 0, settlement.tokens,
+            GROUP, part.name if part else "", entry, documents if part else 0, settlement.tokens,
             settlement.dead_docs, settlement.dead_entries, len(settlement.entries), len(settlement.dead),
             *settlement.entries, *(deadletter.encode(d) for d in settlement.dead),
         ]
@@ -276,9 +278,11 @@ class PartCommit:
         if len(window):
             docs = window.docs
             assert docs.embeddings is not None, "a window is committed after it was embedded"
-            self.table = self.writer.table(docs.ids, docs.embeddings, docs.tokens.lengths, docs.tokens.truncated)
+            self.table = self.writer.table(docs.ids, docs.embeddings, docs.tokens.lengths, docs.tokens.truncated,
+                                           docs.chunks)
         self.settlement = Settlement(entries=window.all_entry_ids, seqs=window.seqs, tokens=window.token_count,
-                                     dead=window.dead, dead_entries=len(window.dead_entries))
+                                     dead=window.dead, dead_entries=len(window.dead_entries),
+                                     documents=window.document_count)
         self.name = self._names()
         return bool(self.settlement.entries)
 

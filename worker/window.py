@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedq import deadletter, documents
+from embedq.chunking import ChunkColumns, Chunking
 from embedq.errors import ProtocolError
 from embedq.ledger import EntryLedger
 from embedq.protocol import NO_PAYLOAD, BatchMessage, DocId, Limits, decode_batch
@@ -41,23 +42,38 @@ class Entry:
 @dataclass
 class DocumentTable:
     """The window's documents, one row each: id, owning entry (index) and row in its message, tokens,
-    and once embedded, the embedding."""
+    and once embedded, the embedding. In a chunked job a row is one chunk of a document (`chunks`
+    says which): its id, entry and message row are its document's, repeated on every chunk."""
 
     ids: list[DocId] = field(default_factory=list)
     entry: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     tokens: TokenizedDocs = field(default_factory=lambda: TokenizedDocs.concat([]))
     embeddings: np.ndarray | None = None
+    chunks: ChunkColumns | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def documents(self) -> int:
+        """Source documents in the table (rows, or in a chunked job the first chunks)."""
+        return len(self) if self.chunks is None else int((self.chunks.index == 0).sum())
 
     def take(self, index: np.ndarray) -> DocumentTable:
         """The documents `index` (indices in order, or a boolean mask)."""
         chosen = np.flatnonzero(index) if index.dtype == bool else index
         return DocumentTable(
             ids=list(map(self.ids.__getitem__, chosen.tolist())), entry=self.entry[index], row=self.row[index],
-            tokens=self.tokens.take(index), embeddings=None if self.embeddings is None else self.embeddings[index])
+            tokens=self.tokens.take(index), embeddings=None if self.embeddings is None else self.embeddings[index],
+            chunks=None if self.chunks is None else self.chunks.take(index))
+
+    def whole_documents(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` widened to every row of their documents (all chunks of each), sorted."""
+        if self.chunks is None:
+            return np.unique(rows)
+        document = self.entry.astype(np.int64) << 32 | self.row.astype(np.int64)
+        return np.flatnonzero(np.isin(document, document[rows]))
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class DocumentRules:
     vocab_size: int = 0
     max_tokens: int = 0
     id_type: str = ""  # "string" or "int64": the job's; ids of another type cannot go into its Parquet
+    chunking: Chunking | None = None  # a chunked job's: whole documents come in, chunks are embedded
 
 
 @dataclass
@@ -106,6 +123,11 @@ class Window:
     @property
     def token_count(self) -> int:
         return int(self.docs.tokens.lengths.sum())
+
+    @property
+    def document_count(self) -> int:
+        """Source documents to embed (a chunked job's windows have more rows)."""
+        return self.docs.documents
 
     @property
     def dead_documents(self) -> int:
@@ -190,6 +212,10 @@ class Window:
             row=np.concatenate([np.asarray(k, dtype=np.int32) for k in keeps]) if keeps else np.zeros(0, np.int32),
             tokens=TokenizedDocs(tokens.tokens.astype(np.int32, copy=False),
                                  tokens.lengths.astype(np.int32, copy=False), tokens.truncated))
+        if rules.chunking is not None:  # one row per chunk, all of an entry's in this window
+            chunked, doc, columns = rules.chunking.split(self.docs.tokens)
+            self.docs = DocumentTable(ids=list(map(ids.__getitem__, doc.tolist())), entry=self.docs.entry[doc],
+                                      row=self.docs.row[doc], tokens=chunked, chunks=columns)
 
     def sort_by_length(self) -> None:
         """Order the documents by token length (stable), so that every engine batch is a contiguous
@@ -214,10 +240,12 @@ class Window:
 
     def dead_letter_documents(self, rows: np.ndarray, *, reason: str, error: str, worker: str,
                               failures: int = 0) -> None:
-        """Move documents `rows` of the window to dead letters (one per entry) and out of the table."""
+        """Move documents `rows` of the window to dead letters (one per entry) and out of the table;
+        a chunk takes every chunk of its document with it (a document is never output in part)."""
+        rows = self.docs.whole_documents(rows)
         for k in np.unique(self.docs.entry[rows]).tolist():
             entry = self.entries[k]
-            message_rows = self.docs.row[rows[self.docs.entry[rows] == k]].tolist()
+            message_rows = np.unique(self.docs.row[rows[self.docs.entry[rows] == k]]).tolist()
             self.dead.append(deadletter.for_documents(
                 entry.message, message_rows, entry_id=entry.entry_id, reason=reason, error=error, worker=worker,
                 deliveries=entry.deliveries, failures=failures))
@@ -274,13 +302,18 @@ def _text_problems(texts: list[str], rules: DocumentRules) -> tuple[list[int], d
 
 def _token_problems(docs: TokenizedDocs, rules: DocumentRules) -> tuple[list[int], dict[str, list[int]]]:
     lengths, tokens = docs.lengths, docs.tokens
-    too_long = lengths > rules.max_tokens if rules.max_tokens > 0 else np.zeros(lengths.shape, bool)
+    # A chunked job takes documents of any length (the message limits bound them) but only whole ones.
+    chunked = rules.chunking is not None
+    limit = lengths > rules.max_tokens if rules.max_tokens > 0 and not chunked else np.zeros(lengths.shape, bool)
+    too_long = docs.truncated if chunked else limit
     out_of_vocab = np.zeros(lengths.shape, bool)
     if rules.vocab_size > 0 and tokens.size and int(tokens.max()) >= rules.vocab_size:
         out_of_vocab = np.add.reduceat((tokens >= rules.vocab_size).astype(np.int64), docs.offsets[:-1]) > 0
     problems: dict[str, list[int]] = {}
     if too_long.any():
-        problems[f"more than max_seq_len ({rules.max_tokens}) token ids"] = np.flatnonzero(too_long).tolist()
+        why = ("token ids truncated by the producer (a chunked job needs the whole text's)" if chunked
+               else f"more than max_seq_len ({rules.max_tokens}) token ids")
+        problems[why] = np.flatnonzero(too_long).tolist()
     if (out_of_vocab & ~too_long).any():
         problems[f"token id out of the model's vocabulary ({rules.vocab_size})"] = (
             np.flatnonzero(out_of_vocab & ~too_long).tolist())

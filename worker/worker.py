@@ -86,18 +86,17 @@ class Worker:
                                   lease_seconds=options.lease_seconds, batch_size=record.batch_size)
         self._stop_deadline: float | None = None  # set by a stop: in-flight work must end by then
         self._stall_checked = time.monotonic() - 50  # the first check 10 s after the start
-        self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty,
-                                   vocab_size=model.vocab_size, max_tokens=model.max_seq_len, id_type=record.id_type)
-        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len, prompt=model.prompt).encode
+        self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty, vocab_size=model.vocab_size,
+                                   max_tokens=model.max_seq_len, id_type=record.id_type,
+                                   chunking=record.chunking(model))
+        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len, prompt=model.prompt,
+                                                   truncate=self.rules.chunking is None).encode  # chunks: whole docs
         self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
         self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=max(2, options.commit_threads))
-        self._stop_reading = threading.Event()
-        self._abort = threading.Event()
+        self._stop_reading, self._abort = threading.Event(), threading.Event()
         self._errors: list[BaseException] = []
-        self._parts = itertools.count(1)
-        self._parts_lock = threading.Lock()
-        self._started = time.monotonic()
-        self._last_log = time.monotonic()
+        self._parts, self._parts_lock = itertools.count(1), threading.Lock()
+        self._started = self._last_log = time.monotonic()
         self._state = "starting"
         self.faults = FaultIsolation(
             engine=engine, pad_id=model.pad_token_id,
@@ -105,7 +104,8 @@ class Worker:
             committer=self.committer, in_flight=self.in_flight, count_failure=self._count_failure,
             max_failures=options.max_failures, max_deliveries=options.max_deliveries, worker=self.id)
         schema = stored_schema(record.id_type, model.dim, stored := record.output_format().check(model.dim),
-                               part_metadata(keys.job, model.describe(), engine.name, engine.config.precision))
+                               part_metadata(keys.job, model.describe(), engine.name, engine.config.precision),
+                               self.rules.chunking)
         self._writer = PartWriter(output, schema, disk_retry_seconds=options.disk_retry_seconds,
                                   stopping=self._abort.is_set, output_format=stored)
 
@@ -280,7 +280,7 @@ class Worker:
             if len(window):
                 self.faults.take_embeddings(window, result)
                 self.working.discard(window.entry_ids)
-                self.report.stages.embedded += len(window)
+                self.report.stages.embedded += window.document_count  # the sizer's unit: documents, not chunks
                 self.report.stages.tokens_embedded += window.token_count
             self._put(self._to_commit, window)
         if ended:
@@ -310,8 +310,8 @@ class Worker:
                     self.report.parts += 1
                     log.debug("part of %d documents written and visible", len(window))
                 elif step is Step.SETTLED:
-                    self.report.documents += len(window)
-                    self.report.stages.committed += len(window)
+                    self.report.documents += window.document_count
+                    self.report.stages.committed += window.document_count
                     self.report.tokens += window.token_count
                     self.report.dead_documents += window.dead_documents
                 elif step is Step.DROPPED and commit.excluded:

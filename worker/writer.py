@@ -3,7 +3,9 @@ completed upload to an object store: `output.py`).
 
 Schema (contract 5): `id` (string or int64), `embedding` (fixed-size list of float32, or on request
 float16, int8, uint8, or int8/uint8 bytes of packed bits for binary/ubinary: `embedq.quantization`),
-`n_tokens` (int32, tokens embedded, special tokens and the prompt included), `truncated` (bool). File
+`n_tokens` (int32, tokens embedded, special tokens and the prompt included), `truncated` (bool); a
+chunked job's rows are chunks, with `chunk_index`, `n_chunks`, `token_start`, `token_end` (int32)
+after the id (`embedq.chunking`). File
 metadata records model, digest, dimension, pooling, normalization, max length, prompt, output type,
 truncation and quantization ranges, backend, precision, embedq version and job, under keys
 `embedq.<name>`.
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedq import __version__
+from embedq.chunking import CHUNK_COLUMNS, ChunkColumns, Chunking
 from embedq.errors import OutputError
 from embedq.protocol import DocId
 from embedq.quantization import OutputFormat
@@ -38,11 +41,13 @@ VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8
 
 
 def output_schema(id_type: str, dim: int, dtype: str = "float32",
-                  metadata: dict[str, Any] | None = None) -> pa.Schema:
-    """The Arrow schema of every part of a job; `dim` is the values stored per vector."""
+                  metadata: dict[str, Any] | None = None, *, chunked: bool = False) -> pa.Schema:
+    """The Arrow schema of every part of a job; `dim` is the values stored per vector; a `chunked`
+    job's rows are chunks, with their `embedq.chunking.CHUNK_COLUMNS` after the id."""
     value = VALUE_TYPES[dtype]
     fields = [
         pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
+        *(pa.field(name, pa.int32(), nullable=False) for name in (CHUNK_COLUMNS if chunked else ())),
         pa.field("embedding", pa.list_(pa.field("item", value, nullable=False), dim), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
@@ -51,15 +56,20 @@ def output_schema(id_type: str, dim: int, dtype: str = "float32",
     return pa.schema(fields, metadata=encoded or None)
 
 
-def stored_schema(id_type: str, model_dim: int, stored: OutputFormat, metadata: dict[str, Any]) -> pa.Schema:
-    """The schema of a job's parts whose vectors are stored as `stored`, its settings in the metadata."""
-    return output_schema(id_type, stored.width(model_dim), stored.dtype, {**metadata, **stored.metadata()})
+def stored_schema(id_type: str, model_dim: int, stored: OutputFormat, metadata: dict[str, Any],
+                  chunking: Chunking | None = None) -> pa.Schema:
+    """The schema of a job's parts whose vectors are stored as `stored` (and documents cut by
+    `chunking`), its settings in the metadata."""
+    chunks = {} if chunking is None else {"chunk_tokens": chunking.size, "chunk_overlap": chunking.overlap}
+    return output_schema(id_type, stored.width(model_dim), stored.dtype, {**metadata, **stored.metadata(), **chunks},
+                         chunked=chunking is not None)
 
 
 def part_table(schema: pa.Schema, ids: Sequence[DocId] | np.ndarray, embeddings: np.ndarray, n_tokens: np.ndarray,
-               truncated: np.ndarray) -> pa.Table:
+               truncated: np.ndarray, chunks: ChunkColumns | None = None) -> pa.Table:
     """Rows laid out as `schema` (an `output_schema`) says; embeddings are `(n, dim)`, converted to its
-    value type. The worker's parts and the Python API's tables are both made here."""
+    value type; `chunks` for a chunked schema. The worker's parts and the Python API's tables are both
+    made here."""
     value_type = schema.field("embedding").type.value_type
     dim = schema.field("embedding").type.list_size
     n = len(ids)
@@ -67,8 +77,9 @@ def part_table(schema: pa.Schema, ids: Sequence[DocId] | np.ndarray, embeddings:
         raise ValueError(f"embeddings are {embeddings.shape}, expected ({n}, {dim})")
     values = np.ascontiguousarray(embeddings, dtype=value_type.to_pandas_dtype()).reshape(-1)
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(values, type=value_type), dim)
+    chunk_columns = [] if chunks is None else [pa.array(a, type=pa.int32()) for a in chunks.arrays().values()]
     return pa.Table.from_arrays(
-        [pa.array(ids, type=schema.field("id").type), embedding, pa.array(n_tokens, type=pa.int32()),
+        [pa.array(ids, type=schema.field("id").type), *chunk_columns, embedding, pa.array(n_tokens, type=pa.int32()),
          pa.array(truncated, type=pa.bool_())],
         schema=schema,
     )
@@ -113,11 +124,11 @@ class PartWriter:
         self._stopping = stopping
 
     def table(self, ids: Sequence[DocId], embeddings: np.ndarray, n_tokens: np.ndarray,
-              truncated: np.ndarray) -> pa.Table:
+              truncated: np.ndarray, chunks: ChunkColumns | None = None) -> pa.Table:
         """The Arrow table of one part; embeddings are the engine's `(n, dim)` float32."""
         if self.output_format is not None:
             embeddings = self.output_format.apply(embeddings)
-        return part_table(self.schema, ids, embeddings, n_tokens, truncated)
+        return part_table(self.schema, ids, embeddings, n_tokens, truncated, chunks)
 
     def stage(self, name: str, table: pa.Table) -> StagedPart:
         """Write `table` to the staging name and fsync it; the part stays invisible to readers."""
@@ -147,7 +158,8 @@ class PartWriter:
             # for integers it is a newer encoding that not every reader knows; README "Models").
             compact = pa.types.is_integer(table.schema.field("embedding").type.value_type)
             pq.write_table(table, handle, compression={"id": "zstd", EMBEDDING_VALUES: "zstd" if compact else "none",
-                                                       "n_tokens": "zstd", "truncated": "zstd"},
+                                                       "n_tokens": "zstd", "truncated": "zstd",
+                                                       **dict.fromkeys(CHUNK_COLUMNS, "zstd")},
                            column_encoding={EMBEDDING_VALUES: "DELTA_BINARY_PACKED"} if compact else None,
                            use_dictionary=False, write_statistics=["id", "n_tokens"])
             size = handle.tell()

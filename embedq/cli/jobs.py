@@ -30,6 +30,7 @@ from embedq.cli.options import (
     BatchSizeOpt,
     CalibrationDocsOpt,
     CalibrationOpt,
+    ChunkOpt,
     DeliveriesOpt,
     DeviceOpt,
     DtypeOpt,
@@ -47,6 +48,7 @@ from embedq.cli.options import (
     ModelOpt,
     NormalizeOpt,
     OutOpt,
+    OverlapOpt,
     PoolingOpt,
     PrecisionOpt,
     PrefixOpt,
@@ -114,8 +116,9 @@ def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: Mode
             processes = settings.tokenizer_processes
             if processes is None:
                 processes = max(0, (os.cpu_count() or 1) - 1)
+            # A chunked job's producer sends whole documents: the worker cuts them (`embedq.chunking`).
             pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes,
-                                                     prompt=model.prompt))
+                                                     prompt=model.prompt, truncate=not settings.chunk_tokens))
         options = ProducerOptions.from_settings(settings)
         options = dataclasses.replace(options, until_complete=until_complete, output=output or options.output,
                                       part=part or options.part)
@@ -131,6 +134,7 @@ def produce(
     model: ModelOpt = None, pooling: PoolingOpt = None, normalize: NormalizeOpt = None, max_seq_len: MaxSeqOpt = None,
     prompt: PromptOpt = None, prompt_name: PromptNameOpt = None,
     output_dtype: DtypeOpt = DEFAULTS.output_dtype, truncate_dim: TruncateDimOpt = None,
+    chunk_tokens: ChunkOpt = DEFAULTS.chunk_tokens, chunk_overlap: OverlapOpt = DEFAULTS.chunk_overlap,
     calibration: CalibrationOpt = None, calibration_docs: CalibrationDocsOpt = DEFAULTS.calibration_docs,
     batch_size: BatchSizeOpt = DEFAULTS.batch_size, backlog: BacklogOpt = DEFAULTS.backlog,
     max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
@@ -157,6 +161,7 @@ def produce(
     if incremental or state is not None:
         from embedq.cli.incremental import produce_incremental
 
+        refuse_chunked_incremental(chunk_tokens)
         if slice_of is not None:
             raise UsageError("--slice and --incremental do not go together: the delta is one small job")
         produce_incremental(ctx, source_spec(ctx.params), out, job, state, new_record=new_record, dedupe=dedupe,
@@ -166,6 +171,13 @@ def produce(
 
     publish_source(ctx, source_spec(ctx.params), job, until_complete,
                    part=parse_slice(slice_of) if slice_of is not None else None)
+
+
+def refuse_chunked_incremental(chunk_tokens: int) -> None:
+    """--chunk with --incremental: the incremental state keeps one vector per id, not chunks."""
+    if chunk_tokens:
+        raise UsageError("--chunk and --incremental do not go together yet: the incremental state keeps one "
+                         "vector per id; run the chunked job as an ordinary one")
 
 
 def publish_source(ctx: typer.Context, spec: SourceSpec, job: str, until_complete: bool = False,
@@ -242,14 +254,16 @@ def _engine(settings: Settings, info: ModelInfo) -> Engine:
 
 
 @contextlib.contextmanager
-def _tokenizer(settings: Settings, info: ModelInfo, device: str) -> Iterator[Encode]:
-    """The worker's tokenizer: a pool of processes on GPU nodes, in-process on CPU nodes."""
+def _tokenizer(settings: Settings, info: ModelInfo, device: str, chunked: bool = False) -> Iterator[Encode]:
+    """The worker's tokenizer: a pool of processes on GPU nodes, in-process on CPU nodes; for a
+    `chunked` job it keeps every token (the worker cuts the documents)."""
     from embedq.tokenization import TokenizerPool, default_tokenizer_processes
 
     processes = settings.tokenizer_processes
     if processes is None:
         processes = default_tokenizer_processes(device, info.tokenizer_file)
-    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes, prompt=info.prompt) as pool:
+    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes, prompt=info.prompt,
+                       truncate=not chunked) as pool:
         yield pool.encode
 
 
@@ -288,7 +302,8 @@ def worker_for(client: redis.Redis, keys: JobKeys, record: JobRecord, info: Mode
     with contextlib.ExitStack() as stack:
         if starting is None:
             starting = stack.enter_context(contextlib.closing(EngineStarting(settings, info)))
-        encode = stack.enter_context(_tokenizer(settings, info, starting.engine.config.device))
+        encode = stack.enter_context(_tokenizer(settings, info, starting.engine.config.device,
+                                                chunked=bool(record.chunk_tokens)))
         engine = starting.started()
         yield Worker(client, keys, record, info, engine, output, WorkerOptions.from_settings(settings),
                      encode=encode)

@@ -118,6 +118,13 @@ PromptNameOpt = Annotated[str | None, setting(
 TruncateDimOpt = Annotated[int | None, setting(
     "truncate_dim", "--truncate-dim", help="Keep the first N dimensions (Matryoshka models), renormalized when the "
     "model normalizes.", panel=_OUTPUT, metavar="N", default="all")]
+ChunkOpt = Annotated[int, setting(
+    "chunk_tokens", "--chunk", help="Cut documents longer than this many tokens (special and prompt tokens "
+    "included) into chunks, each a row with chunk_index, n_chunks and token offsets, instead of truncating "
+    "(0: truncate at max-seq-len).", panel=_OUTPUT, metavar="TOKENS")]
+OverlapOpt = Annotated[int, setting(
+    "chunk_overlap", "--overlap", help="Text tokens that neighbouring chunks share (with --chunk).",
+    panel=_OUTPUT, metavar="TOKENS")]
 CalibrationOpt = Annotated[str | None, setting(
     "calibration", "--calibration", help="For int8/uint8 output: the ranges, as a .npy or .json [[min...], "
     "[max...]], or a Parquet file of float embeddings to take them from.", panel=_OUTPUT, metavar="FILE",

@@ -18,7 +18,7 @@ import typer
 
 from embedq.cli.exporter import serve_metrics
 from embedq.cli.incremental import DedupeOpt, IncrementalOpt, NewRecordOpt, StateOpt
-from embedq.cli.jobs import EngineStarting, log_startup, producer_for, worker_for
+from embedq.cli.jobs import EngineStarting, log_startup, producer_for, refuse_chunked_incremental, worker_for
 from embedq.cli.options import (
     DEFAULTS,
     AllowDeadOpt,
@@ -29,6 +29,7 @@ from embedq.cli.options import (
     BatchSizeOpt,
     CalibrationDocsOpt,
     CalibrationOpt,
+    ChunkOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -40,6 +41,7 @@ from embedq.cli.options import (
     ModelOpt,
     NormalizeOpt,
     OutOpt,
+    OverlapOpt,
     PoolingOpt,
     PrecisionOpt,
     PrefixOpt,
@@ -106,6 +108,7 @@ def run(
     rebuild_engines: RebuildOpt = DEFAULTS.rebuild_engines, window_docs: WindowOpt = DEFAULTS.window_docs,
     window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,
     output_dtype: DtypeOpt = DEFAULTS.output_dtype, truncate_dim: TruncateDimOpt = None,
+    chunk_tokens: ChunkOpt = DEFAULTS.chunk_tokens, chunk_overlap: OverlapOpt = DEFAULTS.chunk_overlap,
     calibration: CalibrationOpt = None, calibration_docs: CalibrationDocsOpt = DEFAULTS.calibration_docs,
     pretokenize: PretokOpt = DEFAULTS.pretokenize, redis: RedisOpt = DEFAULTS.redis_url,
     key_prefix: PrefixOpt = DEFAULTS.key_prefix,
@@ -129,6 +132,7 @@ def run(
     if incremental or state is not None:
         from embedq.cli.incremental import run_incremental
 
+        refuse_chunked_incremental(chunk_tokens)
         run_incremental(ctx, source_spec(ctx.params), out, job, state, embed=embed_job, new_record=new_record,
                         dedupe=dedupe, allow_dead_letters=allow_dead_letters)
         return
