@@ -58,6 +58,18 @@ class Slot:
         return f"worker {self.index} ({self.device})"
 
 
+def isolate_gpu(device: str, environ: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A child's device and the variables that give it only its GPU: `cuda:N` becomes `cuda:0` with
+    CUDA_VISIBLE_DEVICES naming GPU N (mapped through the parent's own CUDA_VISIBLE_DEVICES), as
+    the per-GPU systemd units do, so nothing in the child (a stream, a graph capture, a library's
+    default device) can land on another worker's GPU. Other devices are left as they are."""
+    if not device.startswith("cuda:"):
+        return device, {}
+    index = int(device.partition(":")[2])
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return "cuda:0", {"CUDA_VISIBLE_DEVICES": visible[index] if index < len(visible) else str(index)}
+
+
 def parse_gpus(spec: str, available: int) -> list[int]:
     """`all` or a comma-separated list of GPU numbers -> the GPU numbers, checked against the
     `available` count; a `UsageError` says what is wrong."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ from embedq.bench.fleet_worker import FleetWorkerSpec
 from embedq.bench.scenarios import Scenario
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
-from embedq.supervisor import pin_to, plan_slots
+from embedq.supervisor import isolate_gpu, pin_to, plan_slots
 from embedq.tokenization import usable_cores
 
 log = logging.getLogger("embedq.bench")
@@ -117,14 +118,16 @@ def _one_count(scenario: Scenario, model: ModelInfo, source: Path, redis_url: st
     with contextlib.ExitStack() as stack:
         children = []
         for slot in slots:
+            device, isolation = isolate_gpu(slot.device, dict(os.environ))
             spec = FleetWorkerSpec(
                 redis_url=redis_url, job=keys.job, ready_key=ready, go_key=go, model_path=str(model.path),
-                out_dir=str(job.output_dir), device=slot.device, precision=scenario.precision,
+                out_dir=str(job.output_dir), device=device, precision=scenario.precision,
                 token_budget=token_budget, seq_lens=tuple(seq_lens), cuda_graphs=scenario.cuda_graphs,
                 unpad=scenario.unpad, pretokenize=scenario.pretokenize, window_docs=window_docs,
                 tokenizer_processes=tokenizer_processes)
             child = subprocess.Popen([sys.executable, "-m", "embedq.bench.fleet_worker", spec.to_json()],
-                                     stdout=subprocess.PIPE, preexec_fn=pin_to(slot.cores))
+                                     stdout=subprocess.PIPE, env={**os.environ, **isolation},
+                                     preexec_fn=pin_to(slot.cores))
             stack.callback(_end, child)
             children.append(child)
         _wait_ready(client, ready, n, children)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -85,9 +86,10 @@ def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
         started = time.time()
         report = worker.run(install_signals=False)
         ended = time.time()
-        return {"worker": worker.id, "device": spec.device, "documents": report.documents, "tokens": report.tokens,
-                "started": started, "ended": ended, "tokenizer_processes": processes,
-                "padding_ratio": report.engine.padding_ratio, "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0}
+        return {"worker": worker.id, "device": spec.device, "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "documents": report.documents, "tokens": report.tokens, "started": started, "ended": ended,
+                "tokenizer_processes": processes, "padding_ratio": report.engine.padding_ratio,
+                "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0}
 
 
 def _wait_for_go(client: Any, go_key: str) -> None:

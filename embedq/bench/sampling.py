@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -66,8 +67,7 @@ class Gpu:
             import pynvml
 
             pynvml.nvmlInit()
-            index = int(device.split(":")[1]) if ":" in device else 0
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.handle = _nvml_handle(pynvml, device)
             self._nvml = pynvml
         except Exception as exc:  # NVML absent or not permitted: report no GPU figures
             log.warning("NVML unavailable (%s): no GPU busy fraction", exc)
@@ -78,6 +78,19 @@ class Gpu:
         util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
         memory = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
         return {"gpu_util": float(util.gpu), "gpu_mem": float(memory.used)}
+
+
+def _nvml_handle(pynvml: Any, device: str) -> Any:
+    """The NVML handle of `device` as CUDA numbers it: NVML ignores CUDA_VISIBLE_DEVICES, so cuda:0
+    of a worker that sees only GPU 3 (`embedq work --gpus`, the systemd units) is NVML's 3."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible):
+        entry = visible[index]
+        if entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+        return pynvml.nvmlDeviceGetHandleByUUID(entry)  # GPU-... or MIG-... names
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def steady(samples: list[dict[str, float]]) -> list[dict[str, float]]:

@@ -17,7 +17,7 @@ import typer
 
 from embedq.config import Settings, as_environment
 from embedq.errors import UsageError
-from embedq.supervisor import Slot, Supervisor, parse_gpus, plan_slots
+from embedq.supervisor import Slot, Supervisor, isolate_gpu, parse_gpus, plan_slots
 from embedq.tokenization import usable_cores
 
 log = logging.getLogger("embedq.supervisor")
@@ -42,9 +42,11 @@ def node_devices(gpus: str | None, workers: int | None, device: str) -> list[str
 
 def child_environment(settings: Settings, slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of `slot`'s child: the parent's, with every setting made explicit and the
-    slot's device, metrics port and (on CPU) threads."""
+    slot's device (its GPU alone: `isolate_gpu`), metrics port and (on CPU) threads."""
     environment = {k: v for k, v in (os.environ if base is None else base).items() if k not in _NODE_VARIABLES}
-    changes: dict[str, object] = {"device": slot.device}
+    device, isolation = isolate_gpu(slot.device, environment)
+    environment.update(isolation)
+    changes: dict[str, object] = {"device": device}
     if settings.metrics_port:  # one port per child, counted up from the one given (0: each its own free one)
         changes["metrics_port"] = settings.metrics_port + slot.index
     if slot.device == "cpu" and settings.threads is None and slot.cores:

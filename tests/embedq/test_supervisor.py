@@ -22,7 +22,7 @@ from embedq.errors import UsageError
 from embedq.keys import JobKeys
 from embedq.model import load_model_info
 from embedq.producer.slices import Slice
-from embedq.supervisor import Backoff, Slot, Supervisor, parse_gpus, plan_slots
+from embedq.supervisor import Backoff, Slot, Supervisor, isolate_gpu, parse_gpus, plan_slots
 from embedq.verify import verify_job
 from tests.support import committed, embedq_process, produce, wait_until, write_jsonl
 
@@ -60,6 +60,36 @@ def test_workers_multiply_per_gpu_or_run_on_the_device_given() -> None:
         node_devices(None, 0, "cpu")
     with pytest.raises(UsageError, match="leave --device out"):
         node_devices("0", None, "cuda:1")
+
+
+def test_a_gpu_worker_sees_only_its_gpu_as_cuda_0() -> None:
+    assert isolate_gpu("cuda:3", {}) == ("cuda:0", {"CUDA_VISIBLE_DEVICES": "3"})
+    # numbered through the supervisor's own view, as CUDA numbers them
+    assert isolate_gpu("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == ("cuda:0", {"CUDA_VISIBLE_DEVICES": "6"})
+    assert isolate_gpu("cpu", {"CUDA_VISIBLE_DEVICES": "4"}) == ("cpu", {})
+    env = child_environment(Settings(), Slot(1, "cuda:1", (8, 9)), base={"CUDA_VISIBLE_DEVICES": "2,5"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["EMBEDQ_DEVICE"] == "cuda:0"
+
+
+def test_gpu_figures_read_the_gpu_cuda_numbers_through_cuda_visible_devices(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES (a stand-in records the calls:
+    there is no NVML on this machine)."""
+    from embedq.bench.sampling import _nvml_handle
+
+    class Nvml:
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+            return f"index {index}"
+
+        def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+            return f"uuid {uuid}"
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert _nvml_handle(Nvml(), "cuda:0") == "index 3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2e,GPU-11aa")
+    assert _nvml_handle(Nvml(), "cuda:1") == "uuid GPU-11aa"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _nvml_handle(Nvml(), "cuda:2") == "index 2"
 
 
 def test_restarts_back_off_doubling_to_a_ceiling() -> None:
