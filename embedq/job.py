@@ -262,20 +262,28 @@ def producer_stalled(client: redis.Redis, keys: JobKeys) -> str | None:
     last writes, and no producer holds the lock), else None. For idle workers to log."""
     pipe = client.pipeline(transaction=False)
     pipe.hget(keys.meta, _RECORD_FIELD)
-    pipe.hmget(keys.producer, ["done", "next_pos"])
+    pipe.hmget(keys.producer, ["done", "next_pos", "slices"])
     pipe.get(keys.producer_lock)  # GET, not EXISTS: the narrowest ACL the README lists has no EXISTS
-    raw, (done, next_pos), holder = pipe.execute()
+    raw, (done, next_pos, slices), holder = pipe.execute()
     if raw is None or done == b"1" or holder is not None:
         return None
-    return stall_advice(_decode(raw, keys), keys, published=int(next_pos or 0))
+    return stall_advice(_decode(raw, keys), keys, published=int(next_pos or 0), slices=producer_slices([slices]))
 
 
-def stall_advice(record: JobRecord, keys: JobKeys, *, published: int) -> str:
+def stall_advice(record: JobRecord, keys: JobKeys, *, published: int, slices: int = 1) -> str:
     """The advice for a stalled job: what happened and the command that finishes publishing it."""
     stdin = " (pipe the same input into it)" if _source_path(record) == "-" else ""
+    each = (f" for each slice K from 0 to {slices - 1} (a slice that finished has nothing left to publish)"
+            if slices > 1 else "")
     return (f"the producer stopped after {published:,} of {record.documents:,} documents (killed, or Redis lost "
-            f"its last writes) and no producer is running: run `{produce_command(record, keys)}`{stdin} against "
-            "the same Redis; it publishes what is missing, never a batch twice")
+            f"its last writes) and no producer is running: run `{produce_command(record, keys, slices=slices)}`"
+            f"{each}{stdin} against the same Redis; it publishes what is missing, never a batch twice")
+
+
+def producer_slices(values: dict[bytes, bytes] | list[bytes | None]) -> int:
+    """How many slices publish the job (1: one producer), from its producer hash's `slices` field."""
+    raw = values.get(b"slices") if isinstance(values, dict) else values[0]
+    return int(raw or 1)
 
 
 def finalize_advice(keys: JobKeys, output: str) -> str:
@@ -289,10 +297,11 @@ def finalize_command(keys: JobKeys, output: str) -> str:
     return shlex.join(["embedq", "gc", "--job", keys.job, *_prefix_flag(keys), "--out", output or "DIR"])
 
 
-def produce_command(record: JobRecord, keys: JobKeys) -> str:
+def produce_command(record: JobRecord, keys: JobKeys, *, slices: int = 1) -> str:
     """The `embedq produce` command that continues this job: its source, and as flags every setting
     the job record fixes that a plain `embedq produce` might not repeat (a resumed producer must
-    match them all, or it is refused). Redis comes from `--redis` or `EMBEDQ_REDIS_URL`, as before."""
+    match them all, or it is refused). Redis comes from `--redis` or `EMBEDQ_REDIS_URL`, as before.
+    A job published in `slices` slices gets `--slice K/N`, K to fill in for each slice."""
     spec = record.source_spec
     args = ["embedq", "produce", _source_path(record), "--job", record.job, *_prefix_flag(keys)]
     for name, flag, default in _SOURCE_FLAGS:
@@ -304,8 +313,8 @@ def produce_command(record: JobRecord, keys: JobKeys) -> str:
     # The model's own defaults for these are not in the record: state them, so the command is exact.
     args += ["--pooling", record.pooling, "--normalize" if record.normalize else "--no-normalize",
              "--max-seq-len", str(record.max_seq_len)]
-    if record.prompt:
-        args += ["--prompt", record.prompt]
+    # No prompt is stated too (--prompt ''): a plain produce would apply the model's default prompt.
+    args += ["--prompt", record.prompt or ""]
     if record.output_dtype != "float32":
         args += ["--output-dtype", record.output_dtype]
     if record.truncate_dim is not None:
@@ -318,6 +327,8 @@ def produce_command(record: JobRecord, keys: JobKeys) -> str:
         args += ["--max-doc-bytes", str(record.max_doc_bytes)]
     args += [flag for flag, on in (("--allow-empty", record.allow_empty), ("--pretokenize", record.pretokenized),
                                    ("--allow-duplicate-ids", record.allow_duplicate_ids)) if on]
+    if slices > 1:
+        args += ["--slice", f"K/{slices}"]
     command = shlex.join(args)
     if record.max_message_bytes != Settings.max_message_bytes:  # a setting without a flag
         command = f"EMBEDQ_MAX_MESSAGE_BYTES={record.max_message_bytes} {command}"

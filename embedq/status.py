@@ -160,8 +160,9 @@ def read_status(client: redis.Redis, keys: JobKeys) -> JobStatus:
         output=stats.get(job_record.OUTPUT_FIELD.encode(), b"").decode(),
         workers={name: {**info, **liveness(info, parse_time(server)).fields()}
                  for name, info in job_record.live_workers(client, keys).items()},
-        stall_advice=job_record.stall_advice(record, keys, published=count(producer, "next_pos")) if stalled else None,
-        produce_command=job_record.produce_command(record, keys),
+        stall_advice=job_record.stall_advice(record, keys, published=count(producer, "next_pos"),
+                                             slices=job_record.producer_slices(producer)) if stalled else None,
+        produce_command=job_record.produce_command(record, keys, slices=job_record.producer_slices(producer)),
     )
 
 

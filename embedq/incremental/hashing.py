@@ -5,9 +5,10 @@ sharing a hash is out of reach at any corpus size (the dedupe flag compares hash
 the birthday bound of a 64-bit hash would bite at about 4 billion documents).
 
 An id's bucket key is a stable 32-bit hash of the id (CRC-32 of its UTF-8; for integer ids the high
-half of id x 2^64/phi, Fibonacci hashing, in numpy): unlike Python's `hash`, it is the same in every process, so a record written
-by one run partitions the same way in the next. Bucket `b` of `n` (a power of two) holds the ids whose
-key has `key & (n - 1) == b`, so doubling `n` splits every bucket in two without reading the others.
+half of id x 2^64/phi, Fibonacci hashing, in numpy): unlike Python's `hash`, it is the same in every
+process, so a record written by one run partitions the same way in the next. Bucket `b` of `n` (a
+power of two) holds the ids whose key has `key & (n - 1) == b`, so doubling `n` splits every bucket
+in two without reading the others.
 """
 
 from __future__ import annotations

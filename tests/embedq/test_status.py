@@ -105,11 +105,15 @@ def test_the_produce_command_repeats_every_setting_the_job_record_fixes() -> Non
                                                  max_message_bytes=1000), JobKeys("j", "tenant1"))
     assert command == ("EMBEDQ_MAX_MESSAGE_BYTES=1000 embedq produce '/data/my docs.csv' --job j --key-prefix tenant1 "
                        "--id-field doc --text-field body --model /models/m --pooling mean --normalize "
-                       "--max-seq-len 128 --batch-size 50 --allow-empty --pretokenize")
+                       "--max-seq-len 128 --prompt '' --batch-size 50 --allow-empty --pretokenize")
     plain = job_record.produce_command(_record(normalize=False, source_spec={"path": "-"}), JobKeys("j"))
     assert plain.startswith("embedq produce - --job j --model /models/m --pooling mean --no-normalize")
     assert "pipe the same input" in job_record.stall_advice(_record(source_spec={"path": "-"}), JobKeys("j"),
                                                             published=4)
+    prompted = job_record.produce_command(_record(prompt="passage: "), JobKeys("j"))
+    assert "--prompt 'passage: '" in prompted
+    sliced = job_record.stall_advice(_record(), JobKeys("j"), published=40, slices=4)
+    assert "--slice K/4` for each slice K from 0 to 3" in sliced
 
 
 @pytest.mark.parametrize(("fields", "state", "needs"), [

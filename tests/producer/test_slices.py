@@ -167,6 +167,10 @@ def test_embedq_produce_slice_k_of_n_from_the_command_line(redis_client, keys, r
     first = produce("--slice", "0/2")
     assert first.exit_code == 0, first.output
     assert not job_settled(redis_client, keys)
+    from embedq.status import read_status
+
+    advice = read_status(redis_client, keys).stall_advice  # no producer runs, slice 1 is still to come
+    assert advice is not None and "--slice K/2` for each slice K from 0 to 1" in advice, advice
     whole = produce()
     assert whole.exit_code != 0 and "slice" in str(whole.exception)
     assert produce("--slice", "1/2").exit_code == 0
