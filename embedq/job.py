@@ -236,7 +236,7 @@ def compact_finished(client: redis.Redis, keys: JobKeys, *, ttl: int = Settings.
     before = job_memory(client, keys)
     spent = [keys.ledger, keys.failures, keys.crashes, keys.condemned]
     compacted = client.register_script(_COMPACT)(keys=[keys.stream, keys.stats, keys.manifest, keys.dead, *spent],
-                                                 args=[ttl, f"{time.time() + ttl:.0f}"])
+                                                 args=[ttl, f"{time.time() + ttl:.3f}"])  # not rounded up
     if int(compacted) < 0:
         return None
     return before, job_memory(client, keys)
