@@ -18,6 +18,7 @@ from embedq.job import produce_command
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.producer.producer import Producer, ProducerOptions
+from embedq.producer.slices import Slice
 from embedq.producer.sources import SourceSpec, open_source
 from embedq.tokenization import Tokenizer
 from embedq.verify import verify_job
@@ -142,7 +143,10 @@ def test_a_worker_killed_mid_job_leaves_every_chunk_exactly_once(
     texts = _long_texts(gloss_texts, 240, 12)
     source = write_jsonl(tmp_path / "docs.jsonl", list(range(len(texts))), texts)
     keys = JobKeys(job_name)
-    record, _ = produce(redis_client, keys, tiny, source, batch_size=10, chunk_tokens=32, chunk_overlap=8)
+    # The first half now, the second after the kill: however fast the machine, the job is not done
+    # when the worker is killed (on a slow one, the kill lands in the middle of the first half).
+    record, _ = produce(redis_client, keys, tiny, source, batch_size=10, chunk_tokens=32, chunk_overlap=8,
+                        part=Slice(0, 2))
     tokenizer = Tokenizer(tiny.tokenizer_file, tiny.max_seq_len, truncate=False)
     chunks = int(record.chunking(tiny).counts(tokenizer.encode(texts).lengths).sum())  # type: ignore[union-attr]
     out, log = tmp_path / "out", tmp_path / "worker.log"
@@ -153,6 +157,7 @@ def test_a_worker_killed_mid_job_leaves_every_chunk_exactly_once(
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     assert committed(redis_client, keys) < len(texts)  # killed mid-job
+    produce(redis_client, keys, tiny, source, batch_size=10, chunk_tokens=32, chunk_overlap=8, part=Slice(1, 2))
     assert embedq_process(*args, log=log).wait(timeout=300) == 0, log.read_text()[-3000:]
     result = verify_job(redis_client, keys, str(out))
     assert result.ok and result.output_rows == chunks, result.render()
