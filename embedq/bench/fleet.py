@@ -16,7 +16,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 from embedq.bench.corpus import load_corpus, write_corpus
 from embedq.bench.end_to_end import JOB_SETTINGS, BenchJob
 from embedq.bench.fleet_worker import FleetWorkerSpec
+from embedq.bench.sampling import Sampler
 from embedq.bench.scenarios import Scenario
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
@@ -132,8 +132,8 @@ def _one_count(scenario: Scenario, model: ModelInfo, source: Path, redis_url: st
             children.append(child)
         _wait_ready(client, ready, n, children)
         before, host_before = _redis_counters(client), _host_cpu()
-        peak = _PeakMemory(client)
-        stack.enter_context(peak)
+        redis_memory = stack.enter_context(Sampler(lambda: {"redis": float(client.info("memory")["used_memory"])},
+                                                   every=0.2))
         client.rpush(go, *["go"] * n)
         outputs = [child.communicate()[0] for child in children]
         after, host_after = _redis_counters(client), _host_cpu()
@@ -151,7 +151,7 @@ def _one_count(scenario: Scenario, model: ModelInfo, source: Path, redis_url: st
     result.per_worker_tokens_per_s = [w["tokens"] / max(1e-9, w["ended"] - w["started"]) for w in result.workers]
     result.redis_cpu_cores = (after["cpu"] - before["cpu"]) / span
     result.redis_net_bytes_per_s = (after["net"] - before["net"]) / span
-    result.redis_peak_bytes = peak.peak
+    result.redis_peak_bytes = int(max((s["redis"] for s in redis_memory.samples), default=0))
     result.host_cpu_busy = _busy_fraction(host_before, host_after)
     result.verify_ok = verify_job(client, keys, str(job.output_dir)).ok
     job.delete()
@@ -197,30 +197,6 @@ def _host_cpu() -> tuple[float, float]:
 def _busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total > 0 else 0.0
-
-
-class _PeakMemory:
-    """Redis's used memory, sampled every 0.2 s while the workers run."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> _PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                self.peak = max(self.peak, int(self.client.info("memory")["used_memory"]))
-            self._stop.wait(0.2)
 
 
 def render_fleet(results: list[FleetResult]) -> str:
