@@ -196,6 +196,31 @@ def test_an_8k_token_document_runs_causal_sdpa_without_a_mask_and_matches_transf
     assert cosine(ours, _normalized(states[:, -1])).min() >= MIN_COSINE
 
 
+def test_the_fp32_gpu_attention_repeats_grouped_heads_and_gives_what_sdpa_gives(
+    decoder: ModelInfo, texts: list[str]
+) -> None:
+    # On CUDA in fp32 the engine switches a decoder to engines.attention (torch's SDPA would take the
+    # math kernel, S x S); the function itself is device-neutral, so it is checked here on CPU.
+    from embedq.engines.attention import NAME, use_repeated_kv_attention
+    from embedq.engines.torch_engine import load_encoder
+
+    plain = load_encoder(decoder)
+    switched = load_encoder(decoder)
+    use_repeated_kv_attention(switched.transformer)
+    config = switched.transformer.config
+    assert config._attn_implementation == NAME
+    assert config.num_key_value_heads < config.num_attention_heads  # the repeat is exercised
+    docs = Tokenizer(decoder.tokenizer_file, MAX_SEQ_LEN).encode(texts[:8])
+    ids = np.full((len(docs), MAX_SEQ_LEN), decoder.pad_token_id, dtype=np.int64)
+    for row, (start, length) in enumerate(zip(docs.offsets[:-1], docs.lengths, strict=True)):
+        ids[row, :length] = docs.tokens[start:start + length]
+    lengths = torch.from_numpy(docs.lengths.astype(np.int64))
+    with torch.inference_mode():
+        want = plain(torch.from_numpy(ids), lengths)
+        got = switched(torch.from_numpy(ids), lengths)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_a_plain_causal_lm_directory_pools_its_last_token_as_sentence_transformers_would(
     decoder: ModelInfo, tmp_path: Path
 ) -> None:
