@@ -83,10 +83,10 @@ def load_encoder(
             "the model directory is inconsistent."
         )
     encoder = _sentence_encoder_class()(transformer, model.pooling, model.normalize, model.pool_skip)
-    if encoder.causal and precision == "fp32" and device.startswith("cuda") and encoder.attn_implementation == "sdpa":
-        from .attention import use_repeated_kv_attention
+    if encoder.causal and encoder.attn_implementation == "sdpa":
+        from .attention import use_causal_attention
 
-        use_repeated_kv_attention(transformer)  # torch's CUDA SDPA would build S x S here (engines.attention)
+        use_causal_attention(transformer)  # no mask and no host sync in transformers' path (engines.attention)
     return encoder.to(device).eval()
 
 
