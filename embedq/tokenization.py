@@ -19,11 +19,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedq.errors import ModelError
+
+if TYPE_CHECKING:
+    from embedq.model import ModelInfo
 
 log = logging.getLogger("embedq.tokenization")
 
@@ -137,6 +140,12 @@ class Tokenizer:
         if self._fast is not None and not self._agrees(self._fast):
             self._fast = None
         self.library = "nanotoken" if self._fast is not None else "tokenizers"
+
+    @classmethod
+    def for_model(cls, model: ModelInfo, *, chunked: bool = False) -> Tokenizer:
+        """`model`'s tokenizer as a job runs it: its prompt, truncating at max_seq_len, or for a
+        `chunked` job keeping every token (`embedq.chunking`: the worker cuts whole documents)."""
+        return cls(model.tokenizer_file, model.max_seq_len, prompt=model.prompt, truncate=not chunked)
 
     def encode(self, texts: list[str]) -> TokenizedDocs:
         """Tokenize a list of texts; a document cut at max_seq_len is marked truncated."""
@@ -256,6 +265,12 @@ class TokenizerPool:
             # waited for, so that they start while the engine does.
             for _ in range(processes):
                 self._pool.submit(_encode_in_process, ["warm up"])
+
+    @classmethod
+    def for_model(cls, model: ModelInfo, processes: int, *, chunked: bool = False) -> TokenizerPool:
+        """The pool of a job's producer (`--pretokenize`) or worker: `Tokenizer.for_model`'s, in
+        `processes` processes."""
+        return cls(model.tokenizer_file, model.max_seq_len, processes, prompt=model.prompt, truncate=not chunked)
 
     def encode(self, texts: list[str]) -> TokenizedDocs:
         """Token ids of `texts`, in order."""

@@ -89,8 +89,7 @@ class Worker:
         self.rules = DocumentRules(limits=record.limits, allow_empty=record.allow_empty, vocab_size=model.vocab_size,
                                    max_tokens=model.max_seq_len, id_type=record.id_type,
                                    chunking=record.chunking(model))
-        self._encode: Encode = encode or Tokenizer(model.tokenizer_file, model.max_seq_len, prompt=model.prompt,
-                                                   truncate=self.rules.chunking is None).encode  # chunks: whole docs
+        self._encode: Encode = encode or Tokenizer.for_model(model, chunked=self.rules.chunking is not None).encode
         self._ready: queue.Queue[Window | None] = queue.Queue(maxsize=max(1, options.prefetch))
         self._to_commit: queue.Queue[Window | None] = queue.Queue(maxsize=max(2, options.commit_threads))
         self._stop_reading, self._abort = threading.Event(), threading.Event()

@@ -1,6 +1,7 @@
 """`embedq bench`: the end-to-end throughput of a real job, against the ceilings around it.
 
-For each scenario (corpus x model x where tokenization happens) one run measures, on one device:
+For each scenario (corpus x model x where tokenization happens; every job chunked as `--chunk`
+says, or not) one run measures, on one device:
 
     tokenizer alone     the `tokenizers` library on all cores, and embedq's tokenizer pool
     sentence-transformers `encode` on the same texts and model (the baseline people use)
@@ -14,7 +15,8 @@ stdout as a table and to a JSON file. BERT-base is a random-weight model of that
 only); MiniLM is the real all-MiniLM-L6-v2.
 
 Modules: `run` (the whole bench), `scenarios` (settings and results), `end_to_end` (one scenario),
-`ceilings` (tokenizer, GPU-only, sentence-transformers), `precision`, `sampling`, `corpus`,
+`workload` (the sequences the worker embeds: documents, or chunks), `ceilings` (tokenizer, GPU-only,
+sentence-transformers), `precision`, `sampling`, `corpus` (and the long documents),
 `random_model`, `report` (table, JSON), `plot`.
 """
 

@@ -12,13 +12,15 @@ if TYPE_CHECKING:
     from embedq.tokenization import Encode, TokenizedDocs
 
 
-def measure_tokenizers(model: ModelInfo, texts: list[str], processes: int) -> dict[str, float]:
-    """The tokenizer alone: `tokenizers` with all cores (rayon), and embedq's process pool."""
+def measure_tokenizers(model: ModelInfo, texts: list[str], processes: int, *,
+                       chunked: bool = False) -> dict[str, float]:
+    """The tokenizer alone, as the job runs it (a `chunked` job's keeps every token): `tokenizers`
+    with all cores (rayon), and embedq's process pool."""
     from embedq.tokenization import Tokenizer, TokenizerPool
 
-    out = _time_encode("all_cores", Tokenizer(model.tokenizer_file, model.max_seq_len).encode, texts)
+    out = _time_encode("all_cores", Tokenizer.for_model(model, chunked=chunked).encode, texts)
     if processes > 0:
-        with TokenizerPool(model.tokenizer_file, model.max_seq_len, processes) as pool:
+        with TokenizerPool.for_model(model, processes, chunked=chunked) as pool:
             out.update(_time_encode("pool", pool.encode, texts))
     return out
 
@@ -32,10 +34,10 @@ def _time_encode(name: str, encode: Encode, texts: list[str]) -> dict[str, float
     return {f"{name}_tokens_per_s": float(docs.lengths.sum()) / seconds, f"{name}_docs_per_s": len(texts) / seconds}
 
 
-def measure_gpu_only(engine: Engine, docs: TokenizedDocs, pad_id: int) -> tuple[float, float, float]:
-    """The engine alone on the same buckets, every batch padded in host memory beforehand:
-    (tokens/s, docs/s, padding ratio)."""
-    from embedq.worker.buckets import pad_batch, padding_ratio, plan_buckets
+def measure_gpu_only(engine: Engine, docs: TokenizedDocs, pad_id: int) -> float:
+    """The engine alone on the same buckets, every batch padded in host memory beforehand: seconds
+    for all of `docs` (after a warm-up pass)."""
+    from embedq.worker.buckets import pad_batch, plan_buckets
 
     buckets = plan_buckets(docs.lengths, engine.profiles)
     offsets = docs.offsets
@@ -54,13 +56,22 @@ def measure_gpu_only(engine: Engine, docs: TokenizedDocs, pad_id: int) -> tuple[
         return time.perf_counter() - started
 
     one_pass()  # warm-up: every shape once (kernel choice, allocator, autotuning)
-    seconds = one_pass()
-    return float(docs.lengths.sum()) / seconds, len(docs) / seconds, padding_ratio(docs.lengths, buckets)
+    return one_pass()
+
+
+def sentence_transformers_batch(mean_tokens: float) -> int:
+    """The batch size the baseline runs with for texts of `mean_tokens`: 256 for short texts, 128
+    for passages, and 16 for documents of thousands of tokens, whose batches (padded to their
+    longest, sorted by length) would otherwise reach hundreds of thousands of tokens; where attention
+    materializes its scores, an 8k-token decoder holds batch x heads x length^2 of them a layer
+    (34 GB at 16 x 16 x 8,192^2 in bf16)."""
+    return 256 if mean_tokens < 64 else 128 if mean_tokens < 1000 else 16
 
 
 def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: int, device: str,
-                                  precision: str) -> tuple[float, float]:
-    """sentence-transformers `encode` on the same texts, batch 256 for short texts, 128 for long."""
+                                  precision: str) -> float:
+    """sentence-transformers `encode` on `texts` (of `tokens` in all): seconds for all of them,
+    after a warm-up on the first few batches."""
     # The baseline is sentence-transformers on torch as people run it, so torch directly here.
     import torch
     from sentence_transformers import SentenceTransformer
@@ -68,8 +79,8 @@ def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: in
     st = SentenceTransformer(str(model.path), device=device)
     st = st.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision])
     st.max_seq_length = model.max_seq_len
-    batch = 256 if tokens / max(1, len(texts)) < 64 else 128
-    st.encode(texts[:512], batch_size=batch)
+    batch = sentence_transformers_batch(tokens / max(1, len(texts)))
+    st.encode(texts[:min(512, 4 * batch)], batch_size=batch)
     started = time.perf_counter()
     st.encode(texts, batch_size=batch)
     if device.startswith("cuda"):
@@ -78,4 +89,4 @@ def measure_sentence_transformers(model: ModelInfo, texts: list[str], tokens: in
     del st
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return tokens / seconds, len(texts) / seconds
+    return seconds

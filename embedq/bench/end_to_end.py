@@ -1,6 +1,7 @@
 """One scenario end to end: a real Redis stream filled by the producer, then one worker timed over it
-(its tokenizer pool or pretokenized messages, real Parquet parts, commits), with the ceilings around
-it measured on the same texts, engine and buckets."""
+(its tokenizer pool or pretokenized messages, real Parquet parts, commits) and its output verified,
+with the ceilings around it measured on the same sequences (each document's, or in a chunked
+scenario each chunk's), engine and buckets."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from embedq.bench.ceilings import measure_gpu_only, measure_sentence_transformer
 from embedq.bench.corpus import load_corpus, write_corpus
 from embedq.bench.sampling import Gpu, Reading, Sampler, gpu_busy, process_tree_rss
 from embedq.bench.scenarios import Result, Scenario
-from embedq.config import Settings
+from embedq.bench.workload import Workload
 from embedq.engines.device import peak_memory_allocated, reset_peak_memory
 from embedq.engines.factory import engine_for
 from embedq.keys import JobKeys
@@ -27,15 +28,9 @@ if TYPE_CHECKING:
     import redis
 
     from embedq.engines.base import Engine
-    from embedq.tokenization import TokenizedDocs
     from embedq.worker.options import StageCounters
 
 log = logging.getLogger("embedq.bench")
-
-# The bench's job, against a first run's defaults: the producer fills the whole stream before the
-# worker starts (a backlog bound it never reaches), so the worker is timed alone; one window more
-# prefetched and twice the commit threads, as a worker on a GPU node is run.
-JOB_SETTINGS = Settings(batch_size=512, backlog=10**9, prefetch=3, lease_seconds=60, commit_threads=4)
 
 
 @dataclass(frozen=True)
@@ -62,41 +57,46 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     import redis as redis_lib
 
     from embedq.engines.profiles import fit_seq_lens
-    from embedq.tokenization import Tokenizer
 
     result = Result(scenario=scenario)
     ids, texts = load_corpus(corpus_path, scenario.repeat, scenario.limit)
     source_file = work_dir / f"corpus-{uuid.uuid4().hex[:6]}.parquet"
     write_corpus(source_file, ids, texts)
-    one_copy = texts[: len(texts) // scenario.repeat]
-    tokenized_once = Tokenizer(model.tokenizer_file, model.max_seq_len).encode(one_copy)
-    seq_lens = fit_seq_lens(tokenized_once.lengths, model.max_seq_len)
+    # One copy as the worker embeds it: the buckets are fitted to the sequences the engine runs
+    # (a chunked job's chunks, not its documents truncated), and the ceilings run the same.
+    workload = Workload.of(model, texts[: len(texts) // scenario.repeat], scenario.chunk_tokens,
+                           scenario.chunk_overlap)
+    seq_lens = fit_seq_lens(workload.sequences.lengths, model.max_seq_len)
     result.seq_lens = list(seq_lens)
     engine = engine_for(model, scenario.engine_spec(token_budget, seq_lens))
     if baselines:
-        _record_baselines(result, model, one_copy, tokenized_once, tokenizer_processes)
+        _record_baselines(result, workload, tokenizer_processes)
     keys = JobKeys(f"bench-{uuid.uuid4().hex[:8]}")
     job = BenchJob(redis_lib.Redis.from_url(redis_url), keys, source_file, out_dir / f"out-{keys.job}")
     with engine:
-        result.gpu_only_tokens_per_s, result.gpu_only_docs_per_s, _ = measure_gpu_only(
-            engine, tokenized_once, model.pad_token_id)
+        seconds = measure_gpu_only(engine, workload.sequences, model.pad_token_id)
+        result.gpu_only_tokens_per_s = workload.tokens / seconds
+        result.gpu_only_docs_per_s = workload.documents / seconds
         _time_end_to_end(result, job, model, engine, tokenizer_processes=tokenizer_processes,
                          window_docs=window_docs)
+    _verify(result, job)
     job.delete()
     return result
 
 
-def _record_baselines(result: Result, model: ModelInfo, texts: list[str], docs: TokenizedDocs,
-                      tokenizer_processes: int) -> None:
-    """The tokenizer alone and sentence-transformers, on one copy of the corpus."""
+def _record_baselines(result: Result, workload: Workload, tokenizer_processes: int) -> None:
+    """The tokenizer alone and sentence-transformers, on one copy of the corpus (documents/s are
+    source documents', tokens/s the embedded sequences')."""
     scenario = result.scenario
-    tok = measure_tokenizers(model, texts, tokenizer_processes)
+    tok = measure_tokenizers(workload.model, workload.texts, tokenizer_processes,
+                             chunked=workload.chunking is not None)
     result.tokenizer_all_cores_tokens_per_s = tok.get("all_cores_tokens_per_s")
     result.tokenizer_all_cores_docs_per_s = tok.get("all_cores_docs_per_s")
     result.tokenizer_pool_tokens_per_s = tok.get("pool_tokens_per_s")
     result.tokenizer_pool_docs_per_s = tok.get("pool_docs_per_s")
-    result.st_tokens_per_s, result.st_docs_per_s = measure_sentence_transformers(
-        model, texts, int(docs.lengths.sum()), scenario.device, scenario.precision)
+    seconds = measure_sentence_transformers(workload.model, workload.sentence_texts(), workload.tokens,
+                                            scenario.device, scenario.precision)
+    result.st_tokens_per_s, result.st_docs_per_s = workload.tokens / seconds, workload.documents / seconds
 
 
 def _time_end_to_end(result: Result, job: BenchJob, model: ModelInfo, engine: Engine, *,
@@ -108,13 +108,16 @@ def _time_end_to_end(result: Result, job: BenchJob, model: ModelInfo, engine: En
     from embedq.worker.output import open_output
     from embedq.worker.worker import Worker, WorkerOptions
 
-    pretokenize = result.scenario.pretokenize
+    scenario = result.scenario
+    pretokenize, settings = scenario.pretokenize, scenario.job_settings
     device = engine.config.device
     client = job.client
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, tokenizer_processes))
+        # One pool for the producer (--pretokenize) and the worker, as `embedq run` builds them.
+        pool = stack.enter_context(TokenizerPool.for_model(model, tokenizer_processes,
+                                                           chunked=bool(scenario.chunk_tokens)))
         source = stack.enter_context(open_source(SourceSpec(str(job.source_file))))
-        producer = Producer(client, job.keys, source, model, ProducerOptions.from_settings(JOB_SETTINGS),
+        producer = Producer(client, job.keys, source, model, ProducerOptions.from_settings(settings),
                             tokenizer=pool if pretokenize else None)
         started = time.perf_counter()
         record = producer.prepare()
@@ -122,7 +125,7 @@ def _time_end_to_end(result: Result, job: BenchJob, model: ModelInfo, engine: En
         result.produce_seconds = time.perf_counter() - started
         client.config_resetstat()
         worker = Worker(client, job.keys, record, model, engine, open_output(job.output_dir),
-                        WorkerOptions.from_settings(JOB_SETTINGS, window_docs=window_docs),
+                        WorkerOptions.from_settings(settings, window_docs=window_docs),
                         encode=None if pretokenize else pool.encode)
         read = _stage_reading(client, worker.report.stages, Gpu(device))
         reset_peak_memory(device)
@@ -141,6 +144,17 @@ def _time_end_to_end(result: Result, job: BenchJob, model: ModelInfo, engine: En
     result.peak_rss_bytes = int(max((s["rss"] for s in sampler.samples), default=process_tree_rss()))
     result.peak_redis_bytes = int(client.info("memory")["used_memory_peak"])
     result.gpu_busy = gpu_busy(sampler.samples)
+
+
+def _verify(result: Result, job: BenchJob) -> None:
+    """`embedq verify` on the scenario's output: the rows written, and whether every source document
+    is there once (in a chunked job: all its chunks), none dead-lettered."""
+    from embedq.verify import verify_job
+
+    verification = verify_job(job.client, job.keys, str(job.output_dir))
+    result.rows, result.verified = verification.output_rows, verification.ok
+    if not verification.ok:
+        log.warning("bench: %s: the output does not verify:\n%s", result.scenario.label, verification.render())
 
 
 def _stage_reading(client: redis.Redis, stages: StageCounters, gpu: Gpu) -> Reading:

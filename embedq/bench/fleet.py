@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from embedq.bench.corpus import load_corpus, write_corpus
-from embedq.bench.end_to_end import JOB_SETTINGS, BenchJob
+from embedq.bench.end_to_end import BenchJob
 from embedq.bench.fleet_worker import FleetWorkerSpec
 from embedq.bench.sampling import Sampler
 from embedq.bench.scenarios import Scenario
+from embedq.bench.workload import Workload
 from embedq.keys import JobKeys
 from embedq.model import ModelInfo
 from embedq.supervisor import isolate_gpu, pin_to, plan_slots
@@ -42,6 +43,7 @@ class FleetResult:
     label: str
     gpus: int
     documents: int = 0
+    rows: int = 0  # rows written: the documents, or in a chunked job their chunks
     tokens: int = 0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
@@ -65,12 +67,11 @@ def run_fleet(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_url
               window_docs: int) -> list[FleetResult]:
     """The scenario on each GPU count (1 first), each on a fresh job over the same corpus."""
     from embedq.engines.profiles import fit_seq_lens
-    from embedq.tokenization import Tokenizer
 
     ids, texts = load_corpus(corpus_path, scenario.repeat, scenario.limit)
-    one_copy = texts[: len(texts) // scenario.repeat]
-    seq_lens = fit_seq_lens(Tokenizer(model.tokenizer_file, model.max_seq_len).encode(one_copy).lengths,
-                            model.max_seq_len)
+    workload = Workload.of(model, texts[: len(texts) // scenario.repeat], scenario.chunk_tokens,
+                           scenario.chunk_overlap)
+    seq_lens = fit_seq_lens(workload.sequences.lengths, model.max_seq_len)  # the chunks' in a chunked job
     results: list[FleetResult] = []
     for n in sorted({1, *gpu_counts}):
         source = work_dir / f"corpus-{uuid.uuid4().hex[:6]}.parquet"
@@ -103,9 +104,9 @@ def _one_count(scenario: Scenario, model: ModelInfo, source: Path, redis_url: st
     client = job.client
     result = FleetResult(label=scenario.label, gpus=n)
     processes = max(1, len(usable_cores()) - 2)
-    with TokenizerPool(model.tokenizer_file, model.max_seq_len, processes) as pool, \
+    with TokenizerPool.for_model(model, processes, chunked=bool(scenario.chunk_tokens)) as pool, \
             open_source(SourceSpec(str(source))) as opened:
-        producer = Producer(client, keys, opened, model, ProducerOptions.from_settings(JOB_SETTINGS),
+        producer = Producer(client, keys, opened, model, ProducerOptions.from_settings(scenario.job_settings),
                             tokenizer=pool if scenario.pretokenize else None)
         started = time.perf_counter()
         producer.prepare()
@@ -153,7 +154,8 @@ def _one_count(scenario: Scenario, model: ModelInfo, source: Path, redis_url: st
     result.redis_net_bytes_per_s = (after["net"] - before["net"]) / span
     result.redis_peak_bytes = int(max((s["redis"] for s in redis_memory.samples), default=0))
     result.host_cpu_busy = _busy_fraction(host_before, host_after)
-    result.verify_ok = verify_job(client, keys, str(job.output_dir)).ok
+    verification = verify_job(client, keys, str(job.output_dir))
+    result.rows, result.verify_ok = verification.output_rows, verification.ok
     job.delete()
     return result
 

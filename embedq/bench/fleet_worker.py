@@ -54,8 +54,7 @@ def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
     """Warm up, wait for the go, work the job to its end; the figures of this worker."""
     import redis
 
-    from embedq.bench.end_to_end import JOB_SETTINGS
-    from embedq.bench.scenarios import BENCH_BACKEND
+    from embedq.bench.scenarios import BENCH_BACKEND, JOB_SETTINGS
     from embedq.engines.device import peak_memory_allocated
     from embedq.engines.factory import EngineSpec, engine_for
     from embedq.job import require
@@ -77,7 +76,7 @@ def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
         processes = default_tokenizer_processes(spec.device, model.tokenizer_file)
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(engine_for(model, engine_spec))
-        pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes))
+        pool = stack.enter_context(TokenizerPool.for_model(model, processes, chunked=bool(record.chunk_tokens)))
         worker = Worker(client, keys, record, model, engine, open_output(spec.out_dir),
                         WorkerOptions.from_settings(JOB_SETTINGS, window_docs=spec.window_docs),
                         encode=None if spec.pretokenize else pool.encode)

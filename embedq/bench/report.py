@@ -14,11 +14,19 @@ from embedq.bench.scenarios import Result
 
 
 def render(results: list[Result], precision: dict[str, float] | None) -> str:
-    """One table row per scenario, then the precision check's figures if it ran."""
+    """One table row per scenario (a chunked one's documents with their chunks), then the precision
+    check's figures if it ran."""
     def rate(value: float | None, unit: str = "") -> str:
         if value is None:
             return "-"
+        if value < 1e3:  # long documents: tens of documents a second
+            return f"{value:.1f}{unit}"
         return f"{value / 1e6:.2f}M{unit}" if value >= 1e6 else f"{value / 1e3:.1f}k{unit}"
+
+    def documents(r: Result) -> str:
+        verdict = {None: "", True: ", verified", False: ", NOT VERIFIED"}[r.verified]
+        chunks = f" in {r.rows:,} chunks" if r.scenario.chunk_tokens else ""
+        return f"{r.documents:,}{chunks}{verdict}"
 
     lines = ["| scenario | docs | e2e tokens/s | e2e docs/s | GPU-only tokens/s | e2e/GPU-only | ST tokens/s | "
              "e2e/ST | tokenizer all cores | tokenizer pool | padding | GPU busy | peak RSS | peak GPU mem | "
@@ -26,7 +34,7 @@ def render(results: list[Result], precision: dict[str, float] | None) -> str:
              "|" + " --- |" * 15]
     for r in results:
         lines.append(
-            f"| {r.scenario.label} | {r.documents:,} | {rate(r.e2e_tokens_per_s)} | {rate(r.e2e_docs_per_s)} | "
+            f"| {r.scenario.label} | {documents(r)} | {rate(r.e2e_tokens_per_s)} | {rate(r.e2e_docs_per_s)} | "
             f"{rate(r.gpu_only_tokens_per_s)} | "
             f"{(r.e2e_tokens_per_s / r.gpu_only_tokens_per_s) if r.gpu_only_tokens_per_s else 0:.0%} | "
             f"{rate(r.st_tokens_per_s)} | "

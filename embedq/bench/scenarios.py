@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from embedq.config import Settings
 from embedq.engines.factory import EngineSpec
 
 # The backend every scenario times; "auto" would pick TensorRT on a GPU where it is installed, and
 # the bench's figures (README) are torch's.
 BENCH_BACKEND = "torch"
+
+# The bench's job, against a first run's defaults: the producer fills the whole stream before the
+# worker starts (a backlog bound it never reaches), so the worker is timed alone; one window more
+# prefetched and twice the commit threads, as a worker on a GPU node is run.
+JOB_SETTINGS = Settings(batch_size=512, backlog=10**9, prefetch=3, lease_seconds=60, commit_threads=4)
 
 
 @dataclass
@@ -26,14 +32,22 @@ class Scenario:
     precision: str = "fp16"
     cuda_graphs: bool = True
     unpad: str = "auto"
+    chunk_tokens: int = 0  # the job's `--chunk` (0: documents truncated at max_seq_len)
+    chunk_overlap: int = 0
 
     @property
     def label(self) -> str:
         where = "pretokenized" if self.pretokenize else "worker-tokenized"
+        chunks = f" / chunk {self.chunk_tokens}/{self.chunk_overlap}" if self.chunk_tokens else ""
         kernels = ""
         if self.device.startswith("cuda"):
             kernels = f" / unpad {self.unpad}" + (", CUDA graphs" if self.cuda_graphs else "")
-        return f"{self.model} / {self.corpus} x{self.repeat} / {where}{kernels}"
+        return f"{self.model} / {self.corpus} x{self.repeat} / {where}{chunks}{kernels}"
+
+    @property
+    def job_settings(self) -> Settings:
+        """The settings of this scenario's job: `JOB_SETTINGS`, chunked as `--chunk` says."""
+        return replace(JOB_SETTINGS, chunk_tokens=self.chunk_tokens, chunk_overlap=self.chunk_overlap)
 
     def engine_spec(self, token_budget: int, seq_lens: Sequence[int]) -> EngineSpec:
         """The engine this scenario times, with profiles of `seq_lens` sized to `token_budget`."""
@@ -47,8 +61,10 @@ class Result:
     """One scenario's measurements (None where not measured)."""
 
     scenario: Scenario
-    documents: int = 0
-    real_tokens: int = 0
+    documents: int = 0  # source documents embedded
+    rows: int = 0  # rows written: the documents, or in a chunked job their chunks
+    verified: bool | None = None  # `embedq verify` on the output: every source document there, whole, once
+    real_tokens: int = 0  # tokens embedded (each chunk's, in a chunked job)
     e2e_seconds: float = 0.0
     e2e_tokens_per_s: float = 0.0
     e2e_docs_per_s: float = 0.0

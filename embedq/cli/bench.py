@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -16,15 +16,20 @@ from embedq.cli.options import flag
 from embedq.config import Unpad
 from embedq.errors import UsageError
 
+if TYPE_CHECKING:
+    from embedq.bench.corpus import Corpus
+
 _CORPORA = ["passages", "glosses"]
+_LONG = "long"  # built from passages.parquet (`embedq.bench.corpus.long_documents`)
 _MODELS = ["minilm", "bert-base"]
 _TOKENIZE_MODES = ["producer", "worker"]
 
 
 def bench(
     corpus: Annotated[list[str] | None, typer.Option(
-        "--corpus", help="glosses, passages (from --corpus-dir) or NAME=PATH of a Parquet file with id and text "
-        "columns; repeatable.", metavar="NAME[=PATH]", show_default="glosses and passages")] = None,
+        "--corpus", help="glosses, passages (from --corpus-dir), long (documents of a few thousand tokens, "
+        "joined from the passages) or NAME=PATH of a Parquet file with id and text columns; repeatable.",
+        metavar="NAME[=PATH]", show_default="glosses and passages")] = None,
     corpus_dir: Annotated[str | None, typer.Option(
         "--corpus-dir", help="Where glosses.parquet and passages.parquet are (`python tests/make_corpus.py DIR` "
         "builds them).", metavar="DIR", envvar="EMBEDQ_CORPUS_DIR", show_envvar=True,
@@ -42,6 +47,11 @@ def bench(
     repeat: Annotated[int, typer.Option("--repeat", help="Corpus copies (ids made distinct).", metavar="N")] = 1,
     limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N documents of a corpus.",
                                               metavar="N", show_default="all")] = None,
+    chunk: Annotated[int, typer.Option(
+        "--chunk", help="Run every job chunked, as `embedq run --chunk`: documents cut into chunks of at most this "
+        "many tokens, each embedded (0: truncated at the model's maximum).", metavar="TOKENS")] = 0,
+    overlap: Annotated[int, typer.Option("--overlap", help="Text tokens that neighbouring chunks share (with "
+                                         "--chunk).", metavar="TOKENS")] = 0,
     device: Annotated[str, typer.Option("--device", help="cuda, cuda:N or cpu.", metavar="DEVICE")] = "cuda",
     precision: Annotated[Literal["fp16", "bf16", "fp32"], typer.Option(
         "--precision", help="Engine precision.")] = "fp16",
@@ -95,13 +105,16 @@ def bench(
     modes = tokenize or _TOKENIZE_MODES
     if set(modes) - set(_TOKENIZE_MODES):
         raise UsageError("--tokenize takes worker or producer")
+    if chunk < 0 or overlap < 0 or (overlap and not chunk):
+        raise UsageError(f"--chunk and --overlap take 0 or more tokens, --overlap only with --chunk; got --chunk "
+                         f"{chunk} --overlap {overlap}")
     processes = tokenizer_processes if tokenizer_processes is not None else max(1, (os.cpu_count() or 2) - 2)
     run_bench(corpora, models, modes, repeat=repeat, limit=limit, device=device, precision=precision,
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,
               check_precision=check_precision, cuda_graphs=cuda_graphs, model_path=model_path,
               unpad=unpad, out_dir=Path(out_dir) if out_dir else None, gpu_counts=gpu_counts,
-              fleet_tokenizer_processes=tokenizer_processes)
+              fleet_tokenizer_processes=tokenizer_processes, chunk_tokens=chunk, chunk_overlap=overlap)
 
 
 def _gpu_counts(spec: str | None, device: str) -> list[int] | None:
@@ -137,18 +150,21 @@ def _check_device(device: str) -> None:
                          "this CPU (with --model tiny and --limit for a short run).")
 
 
-def _corpora(items: list[str], corpus_dir: str | None) -> list[tuple[str, Path]]:
-    """(name, Parquet file) of each --corpus: NAME=PATH, or NAME.parquet in the corpus directory."""
+def _corpora(items: list[str], corpus_dir: str | None) -> list[Corpus]:
+    """Each --corpus: NAME=PATH, NAME.parquet in the corpus directory, or long (built from its passages)."""
+    from embedq.bench.corpus import Corpus
+
     base = Path(corpus_dir or Path.home() / ".cache" / "embedq-test-corpus")
     corpora = []
     for item in items:
         name, _, path = item.partition("=")
-        resolved = Path(path) if path else base / f"{name}.parquet"
+        joined = name == _LONG and not path
+        resolved = Path(path) if path else base / f"{'passages' if joined else name}.parquet"
         if resolved.is_file() and resolved.suffix != ".parquet":
             raise UsageError(f"corpus {name!r}: {resolved} is not a Parquet file; the benchmark reads Parquet with "
                              "id and text columns.")
         if not resolved.is_file():
             raise UsageError(f"corpus {name!r}: {resolved} does not exist; build it with "
                              f"`python tests/make_corpus.py {base}` or pass NAME=PATH.")
-        corpora.append((name, resolved))
+        corpora.append(Corpus(name, resolved, joined=joined))
     return corpora

@@ -117,8 +117,7 @@ def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: Mode
             if processes is None:
                 processes = max(0, (os.cpu_count() or 1) - 1)
             # A chunked job's producer sends whole documents: the worker cuts them (`embedq.chunking`).
-            pool = stack.enter_context(TokenizerPool(model.tokenizer_file, model.max_seq_len, processes,
-                                                     prompt=model.prompt, truncate=not settings.chunk_tokens))
+            pool = stack.enter_context(TokenizerPool.for_model(model, processes, chunked=bool(settings.chunk_tokens)))
         options = ProducerOptions.from_settings(settings)
         options = dataclasses.replace(options, until_complete=until_complete, output=output or options.output,
                                       part=part or options.part)
@@ -262,8 +261,7 @@ def _tokenizer(settings: Settings, info: ModelInfo, device: str, chunked: bool =
     processes = settings.tokenizer_processes
     if processes is None:
         processes = default_tokenizer_processes(device, info.tokenizer_file)
-    with TokenizerPool(info.tokenizer_file, info.max_seq_len, processes, prompt=info.prompt,
-                       truncate=not chunked) as pool:
+    with TokenizerPool.for_model(info, processes, chunked=chunked) as pool:
         yield pool.encode
 
 
