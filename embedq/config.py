@@ -65,6 +65,7 @@ class Settings:
     allow_empty: bool = False
     allow_duplicate_ids: bool = False
     pretokenize: bool = False
+    compress: bool = False  # zstd on each message (embedq.protocol): fewer bytes through Redis, more producer CPU
     # Worker
     backend: Backend = "auto"
     device: str = "auto"

@@ -17,11 +17,11 @@ import msgspec
 import redis
 
 from embedq.documents import EMPTY_TEXT
-from embedq.errors import UsageError
+from embedq.errors import ProtocolError, UsageError
 from embedq.job import ARCHIVED_FIELD
 from embedq.keys import JobKeys
 from embedq.ledger import LEDGER_LUA, Refusal
-from embedq.protocol import SCHEMA_VERSION, BatchMessage, DocId, encode_batch
+from embedq.protocol import SCHEMA_VERSION, BatchMessage, DocId, Limits, encode_batch, uncompressed
 
 DEAD_FIELD = b"d"
 
@@ -197,7 +197,11 @@ def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, 
         if reason is not None:
             skipped.append((entry.dead_id, reason))
             continue
-        message = msgspec.msgpack.decode(letter.payload, type=BatchMessage)
+        try:
+            message = msgspec.msgpack.decode(uncompressed(letter.payload, Limits()), type=BatchMessage)
+        except ProtocolError as exc:
+            skipped.append((entry.dead_id, str(exc)))
+            continue
         if message.v != SCHEMA_VERSION:
             skipped.append((entry.dead_id, f"schema version {message.v} is not this version's"))
             continue

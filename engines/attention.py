@@ -46,12 +46,13 @@ def causal_attention(
     if attention_mask is not None or kwargs.get("sliding_window") is not None:
         raise EngineError("embedq's decoder attention takes neither an attention mask nor a sliding window")
     groups = query.shape[1] // key.shape[1]
-    grouped = {}
-    if groups > 1 and query.dtype == torch.float32:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    elif groups > 1:
-        grouped["enable_gqa"] = True
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, dropout_p=0.0, scale=scaling, is_causal=query.shape[2] > 1, **grouped)
+    causal = query.shape[2] > 1
+    attend = torch.nn.functional.scaled_dot_product_attention
+    if groups > 1 and query.dtype != torch.float32:
+        out = attend(query, key, value, dropout_p=0.0, scale=scaling, is_causal=causal, enable_gqa=True)
+    else:
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        out = attend(query, key, value, dropout_p=0.0, scale=scaling, is_causal=causal)
     return out.transpose(1, 2).contiguous(), None

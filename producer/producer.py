@@ -66,6 +66,7 @@ class ProducerOptions:
     output: OutputFormat = field(default_factory=OutputFormat)  # how the job's vectors are stored (its record)
     chunk_tokens: int = Settings.chunk_tokens  # long documents cut into chunks (`embedq.chunking`); 0: truncated
     chunk_overlap: int = Settings.chunk_overlap
+    compress: bool = Settings.compress  # zstd on each message (`embedq.protocol`)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProducerOptions:
@@ -277,7 +278,7 @@ class Producer:
                                    ids=batch.ids, tokens=docs.tokens.astype("<i4").tobytes(),
                                    lengths=docs.lengths.astype("<i4").tobytes(),
                                    truncated=docs.truncated.astype("u1").tobytes())
-        return batch, encode_batch(message)
+        return batch, encode_batch(message, compress=self.options.compress)
 
     def _dead_letters(self, batch: PlannedBatch) -> list[deadletter.DeadLetter]:
         letters = []

@@ -31,6 +31,7 @@ from embedq.cli.options import (
     CalibrationDocsOpt,
     CalibrationOpt,
     ChunkOpt,
+    CompressOpt,
     DeliveriesOpt,
     DeviceOpt,
     DtypeOpt,
@@ -138,7 +139,7 @@ def produce(
     batch_size: BatchSizeOpt = DEFAULTS.batch_size, backlog: BacklogOpt = DEFAULTS.backlog,
     max_doc_bytes: MaxDocOpt = DEFAULTS.max_doc_bytes,
     allow_empty: AllowEmptyOpt = DEFAULTS.allow_empty, allow_duplicate_ids: AllowDupOpt = DEFAULTS.allow_duplicate_ids,
-    pretokenize: PretokOpt = DEFAULTS.pretokenize,
+    pretokenize: PretokOpt = DEFAULTS.pretokenize, compress: CompressOpt = DEFAULTS.compress,
     until_complete: UntilCompleteOpt = False, metrics_port: MetricsPortOpt = None,
     slice_of: Annotated[str | None, typer.Option(
         "--slice", help="Publish only slice K of N of the source (counted from 0), so N producers on N hosts "

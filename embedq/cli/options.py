@@ -157,6 +157,10 @@ UntilCompleteOpt = Annotated[bool, flag(
 PretokOpt = Annotated[bool, flag(
     "--pretokenize/--no-pretokenize", help="Tokenize in the producer, so token ids travel in the messages "
     "(moves tokenization to CPU nodes).", panel=_PRODUCER, setting_name="pretokenize")]
+CompressOpt = Annotated[bool, flag(
+    "--compress/--no-compress", help="Compress each message with zstd (a third of the bytes of text, about half "
+    "of token ids), so one Redis server feeds more GPUs, for some producer CPU; workers read both forms.",
+    panel=_PRODUCER, setting_name="compress")]
 
 # -- Operations
 

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from embedq.errors import ProtocolError
 from embedq.protocol import (
+    BAD_COMPRESSION,
     BAD_TOKENS,
+    COMPRESSED,
     INVALID_UTF8,
     MESSAGE_TOO_LARGE,
     NO_DOCUMENTS,
@@ -24,6 +26,7 @@ from embedq.protocol import (
     Limits,
     decode_batch,
     encode_batch,
+    uncompressed,
 )
 
 LIMITS = Limits(max_message_bytes=1 << 20, max_doc_bytes=1000, max_docs=100)
@@ -121,3 +124,39 @@ def test_a_pickle_payload_is_never_unpickled() -> None:
 
     with pytest.raises(ProtocolError):
         decode_batch(pickle.dumps(Boom()), job="j", limits=LIMITS)
+
+
+# -- Compressed payloads (`--compress`)
+
+def _long_text_message() -> BatchMessage:
+    texts = [f"document {i}: the quick brown fox jumps over the lazy dog " * 8 for i in range(64)]
+    return BatchMessage(v=SCHEMA_VERSION, job="j", seq=1, pos=64, ids=list(range(64)), texts=texts)
+
+
+def test_a_compressed_batch_is_smaller_starts_with_a_byte_msgpack_never_starts_with_and_round_trips() -> None:
+    message = _long_text_message()
+    plain, packed = encode_batch(message), encode_batch(message, compress=True)
+    assert packed.startswith(COMPRESSED) and not plain.startswith(COMPRESSED[:1])
+    assert len(packed) < len(plain) / 4
+    assert decode_batch(packed, job="j", limits=LIMITS) == message
+    assert uncompressed(packed, LIMITS) == plain and uncompressed(plain, LIMITS) == plain
+    tokens = BatchMessage(v=SCHEMA_VERSION, job="j", seq=0, pos=0, ids=[1, 2],
+                          tokens=np.arange(8, dtype="<i4").tobytes(), lengths=np.array([3, 5], dtype="<i4").tobytes(),
+                          truncated=b"\x00\x01")
+    assert decode_batch(encode_batch(tokens, compress=True), job="j", limits=LIMITS) == tokens
+
+
+def test_a_compressed_batch_states_its_size_which_is_held_to_the_limit_before_anything_is_decompressed() -> None:
+    packed = encode_batch(_long_text_message(), compress=True)
+    size = int.from_bytes(packed[2:6], "little")
+    with pytest.raises(ProtocolError) as too_large:
+        decode_batch(packed, job="j", limits=Limits(max_message_bytes=size - 1))
+    assert too_large.value.code == MESSAGE_TOO_LARGE and "uncompressed" in str(too_large.value)
+    # A stated size under the real one: decompression has no room for more and refuses, whatever
+    # the frame says (no entry expands past what it states).
+    understated = COMPRESSED + (size // 2).to_bytes(4, "little") + packed[6:]
+    overstated = COMPRESSED + (size + 100).to_bytes(4, "little") + packed[6:]
+    for broken in (understated, overstated, packed[:-5], packed[:4], packed[:6] + b"junk" * 10):
+        with pytest.raises(ProtocolError) as refused:
+            decode_batch(broken, job="j", limits=LIMITS)
+        assert refused.value.code == BAD_COMPRESSION, broken[:12]

@@ -49,6 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-docs", type=int, default=16384)
     parser.add_argument("--batch-size", type=int, default=512, help="documents per stream message")
     parser.add_argument("--nic-gbit", type=float, default=25.0, help="NIC speed each way, for the extrapolation")
+    parser.add_argument("--compress", action="store_true", help="producers compress each message with zstd")
     parser.add_argument("--out", default="fleetsim.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, sources)")
     return parser.parse_args(argv)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = {"glosses": args.rate_glosses, "passages": args.rate_passages}
     options = FleetOptions(rates=rates, seconds=args.seconds, warmup=args.warmup, window_docs=args.window_docs,
                            batch_size=args.batch_size,
-                           producer_processes=args.producer_processes)
+                           producer_processes=args.producer_processes, compress=args.compress)
     work_dir = Path(tempfile.mkdtemp(prefix="embedq-fleetsim-"))
     server = RedisServer(directory=work_dir / "redis").start()
     model = load_model_info(default_model_path())

@@ -61,6 +61,7 @@ class FleetOptions:
     batch_size: int = 512
     backlog: int = 512
     producer_processes: int = 1  # tokenizer processes of each pretokenizing producer
+    compress: bool = False  # producers compress each message (`embedq produce --compress`)
     sample_every: float = 0.25
     limit_factor: float = 2.0  # a phase with workers stops at this many times (warm-up + seconds)
     start_timeout: float = 180.0
@@ -163,7 +164,8 @@ class Fleet:
         backlog = o.backlog if case.schedule == LIVE else 10**9
         specs = [RoleSpec(role=PRODUCER, go_key=go_producer, source=str(source), backlog=backlog,
                           tokenizer_processes=o.producer_processes if case.pretokenized else 0,
-                          slice_index=k, slice_count=case.producers, **common) for k in range(case.producers)]
+                          slice_index=k, slice_count=case.producers, compress=o.compress, **common)
+                 for k in range(case.producers)]
         role = WORKER if case.mode == DEVICE else PROTOCOL
         specs += [RoleSpec(role=role, go_key=go_workers, rate=o.rates[case.corpus], output=str(output),
                            profiles=[(p.max_seq_len, p.max_batch) for p in facts.profiles],

@@ -51,6 +51,7 @@ class RoleSpec:
     tokenizer_processes: int = 0  # producer: >0 pretokenizes with a pool of this size
     slice_index: int = 0  # producer: which slice of the source it publishes (`--slice K/N`)
     slice_count: int = 1
+    compress: bool = False  # producer: zstd on each message (`embedq produce --compress`)
     batch_size: int = 512
     backlog: int = 512
     rate: float = 0.0  # worker: the simulated device's padded tokens/s
@@ -121,7 +122,7 @@ def run_producer(spec: RoleSpec, client: redis.Redis, keys: JobKeys, model: Mode
         source = stack.enter_context(open_source(SourceSpec(spec.source)))
         producer = Producer(client, keys, source, model,
                             ProducerOptions(batch_size=spec.batch_size, backlog=spec.backlog,
-                                            part=Slice(spec.slice_index, spec.slice_count)),
+                                            part=Slice(spec.slice_index, spec.slice_count), compress=spec.compress),
                             tokenizer=pool, stopping=stop.is_set)
         producer.prepare()  # scans the source again and checks the orchestrator's record
         _ready_then_wait(spec, client)

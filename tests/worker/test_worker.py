@@ -12,6 +12,7 @@ import redis
 from embedq.deadletter import list_dead
 from embedq.errors import JobMismatch
 from embedq.keys import JobKeys
+from embedq.protocol import COMPRESSED, PAYLOAD_FIELD
 from embedq.verify import verify_job
 from embedq.worker.consumer import StreamConsumer, ensure_group
 from embedq.worker.output import open_output
@@ -43,6 +44,25 @@ def test_one_worker_embeds_every_document_exactly_once(redis_client, keys, model
     assert result.ok, result.render()
     assert (out / "_manifest.json").exists()
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_compressed_job_is_embedded_exactly_once_with_the_vectors_of_an_uncompressed_one(
+        redis_client, keys, model_info, cpu_engine, corpus, tmp_path: Path) -> None:
+    record, _ = produce(redis_client, keys, model_info, corpus, batch_size=100, compress=True)
+    payloads = [fields[PAYLOAD_FIELD] for _, fields in redis_client.xrange(keys.stream)]
+    assert len(payloads) == 6 and all(p.startswith(COMPRESSED) for p in payloads)
+    out = tmp_path / "out"
+    reports = run_workers(2, redis_client, keys, record, model_info, SerializedEngine(cpu_engine), out, window_docs=150)
+    assert sum(r.documents for r in reports) == 600
+    assert verify_job(redis_client, keys, str(out)).ok
+    plain_keys = JobKeys(keys.job + "-plain")
+    plain_record, _ = produce(redis_client, plain_keys, model_info, corpus, batch_size=100)
+    run_worker(redis_client, plain_keys, plain_record, model_info, cpu_engine, tmp_path / "plain")
+    got, want = read_output(out), read_output(tmp_path / "plain")
+    assert set(got) == set(want)
+    assert np.allclose(np.stack([got[i] for i in want]), np.stack(list(want.values())), rtol=0, atol=1e-6)
+    for key in redis_client.scan_iter(match=f"*{{{plain_keys.job}}}*"):
+        redis_client.delete(key)
 
 
 def test_three_workers_share_a_job_without_duplicates(redis_client, keys, model_info, cpu_engine, corpus,
