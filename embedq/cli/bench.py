@@ -6,7 +6,6 @@ environment or `embedq.toml` say.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -108,7 +107,9 @@ def bench(
     if chunk < 0 or overlap < 0 or (overlap and not chunk):
         raise UsageError(f"--chunk and --overlap take 0 or more tokens, --overlap only with --chunk; got --chunk "
                          f"{chunk} --overlap {overlap}")
-    processes = tokenizer_processes if tokenizer_processes is not None else max(1, (os.cpu_count() or 2) - 2)
+    from embedq.tokenization import usable_cores
+
+    processes = tokenizer_processes if tokenizer_processes is not None else max(1, len(usable_cores()) - 2)
     run_bench(corpora, models, modes, repeat=repeat, limit=limit, device=device, precision=precision,
               redis_url=redis, json_path=Path(json_out), plot_path=Path(plot_out), tokenizer_processes=processes,
               baselines=baselines, token_budget=token_budget, window_docs=window_docs,

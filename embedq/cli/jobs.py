@@ -10,7 +10,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -109,14 +108,14 @@ def producer_for(client: redis.Redis, keys: JobKeys, source: Source, model: Mode
     """A producer for the job (whose vectors are stored as `output`, `cli.calibration`'s); with
     --pretokenize, a tokenizer pool on all cores but one goes with it."""
     from embedq.producer.producer import Producer, ProducerOptions
-    from embedq.tokenization import TokenizerPool
+    from embedq.tokenization import TokenizerPool, usable_cores
 
     with contextlib.ExitStack() as stack:
         pool = None
         if settings.pretokenize:
             processes = settings.tokenizer_processes
             if processes is None:
-                processes = max(0, (os.cpu_count() or 1) - 1)
+                processes = max(0, len(usable_cores()) - 1)  # the cores this process may run on (taskset)
             # A chunked job's producer sends whole documents: the worker cuts them (`embedq.chunking`).
             pool = stack.enter_context(TokenizerPool.for_model(model, processes, chunked=bool(settings.chunk_tokens)))
         options = ProducerOptions.from_settings(settings)
