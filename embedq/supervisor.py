@@ -94,20 +94,49 @@ def parse_gpus(spec: str, available: int) -> list[int]:
     return gpus
 
 
-def plan_slots(devices: Sequence[str], cores: Sequence[int]) -> list[Slot]:
+def plan_slots(devices: Sequence[str], cores: Sequence[int],
+               siblings: Callable[[int], frozenset[int]] | None = None) -> list[Slot]:
     """One slot per device (a device listed twice gets two), each pinned to a contiguous share of
-    `cores` (contiguous: neighbouring core numbers usually share a socket and its caches). With fewer
-    cores than devices, nothing is pinned."""
-    ordered = sorted(set(cores))
-    if len(ordered) < len(devices):
-        return [Slot(i, device) for i, device in enumerate(devices)]
-    share, extra = divmod(len(ordered), len(devices))
+    `cores` in whole physical cores: the hyperthreads of one core (`siblings`, from sysfs) go to the
+    same slot, so two GPUs' workers never share a core's execution units (with the common numbering,
+    CPUs i and i + n/2 are one core's two threads, and halves 0..n/2-1 and n/2..n-1 would pair
+    every thread of one worker with one of the other). Contiguous, since neighbouring cores usually
+    share a socket and its caches. With fewer cores than devices, nothing is pinned."""
+    wanted = set(cores)
+    groups: dict[int, set[int]] = {}
+    for cpu in sorted(wanted):
+        group = (siblings or _thread_siblings)(cpu) & wanted or frozenset({cpu})
+        groups.setdefault(min(group), set()).update(group)
+    physical = [sorted(groups[first]) for first in sorted(groups)]
+    if len(physical) < len(devices):
+        if len(wanted) < len(devices):
+            return [Slot(i, device) for i, device in enumerate(devices)]
+        physical = [[cpu] for cpu in sorted(wanted)]  # fewer whole cores than devices: share cores
+    share, extra = divmod(len(physical), len(devices))
     slots, start = [], 0
     for i, device in enumerate(devices):
         size = share + (1 if i < extra else 0)
-        slots.append(Slot(i, device, tuple(ordered[start:start + size])))
+        slots.append(Slot(i, device, tuple(sorted(cpu for core in physical[start:start + size] for cpu in core))))
         start += size
     return slots
+
+
+def _thread_siblings(cpu: int) -> frozenset[int]:
+    """The CPUs that share `cpu`'s physical core (itself included), as Linux lists them; {cpu} where unknown."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as listing:
+            return parse_cpu_list(listing.read()) or frozenset({cpu})
+    except (OSError, ValueError):
+        return frozenset({cpu})
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """Linux's CPU list format: "0,16" or "0-1,32-33" -> the CPUs it names."""
+    found: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return frozenset(found)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from embedq.errors import UsageError
 from embedq.keys import JobKeys
 from embedq.model import load_model_info
 from embedq.producer.slices import Slice
-from embedq.supervisor import Backoff, Slot, Supervisor, isolate_gpu, parse_gpus, plan_slots
+from embedq.supervisor import Backoff, Slot, Supervisor, isolate_gpu, parse_cpu_list, parse_gpus, plan_slots
 from embedq.verify import verify_job
 from tests.support import committed, embedq_process, produce, wait_until, write_jsonl
 
@@ -46,12 +46,29 @@ def test_gpus_all_or_a_list_checked_against_the_machine() -> None:
         parse_gpus("first", 2)
 
 
+def _alone(cpu: int) -> frozenset[int]:
+    return frozenset({cpu})
+
+
 def test_each_worker_gets_a_contiguous_share_of_the_cores() -> None:
-    slots = plan_slots(["cuda:0", "cuda:1"], list(range(32)))
+    slots = plan_slots(["cuda:0", "cuda:1"], list(range(32)), siblings=_alone)
     assert [s.cores for s in slots] == [tuple(range(16)), tuple(range(16, 32))]
-    uneven = plan_slots(["cuda:0", "cuda:1", "cuda:2"], [0, 1, 2, 3, 4, 5, 6])
+    uneven = plan_slots(["cuda:0", "cuda:1", "cuda:2"], [0, 1, 2, 3, 4, 5, 6], siblings=_alone)
     assert [len(s.cores) for s in uneven] == [3, 2, 2] and sorted(c for s in uneven for c in s.cores) == list(range(7))
     assert plan_slots(["cpu"] * 3, [0, 1]) == [Slot(0, "cpu"), Slot(1, "cpu"), Slot(2, "cpu")]  # too few to pin
+
+
+def test_a_physical_cores_hyperthreads_go_to_one_worker() -> None:
+    # 16 cores of two threads each, numbered as Linux usually numbers them: CPU i and i + 16 share a core.
+    def smt(cpu: int) -> frozenset[int]:
+        return frozenset({cpu % 16, cpu % 16 + 16})
+
+    slots = plan_slots(["cuda:0", "cuda:1"], list(range(32)), siblings=smt)
+    assert [s.cores for s in slots] == [(*range(8), *range(16, 24)), (*range(8, 16), *range(24, 32))]
+    # Two cores of two threads for three workers: whole cores cannot go round, so threads are shared out.
+    assert [s.cores for s in plan_slots(["cpu"] * 3, [0, 1, 2, 3], siblings=lambda c: frozenset({c % 2, c % 2 + 2}))
+            ] == [(0, 1), (2,), (3,)]
+    assert parse_cpu_list("0,16\n") == {0, 16} and parse_cpu_list("0-2,8-9") == {0, 1, 2, 8, 9}
 
 
 def test_workers_multiply_per_gpu_or_run_on_the_device_given() -> None:
