@@ -119,12 +119,12 @@ class Worker:
         if recovered.rolled_forward:
             log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
         signals = drain_on_signal(self.stop) if install_signals else contextlib.nullcontext(bool)
-        self.lease.start()
         fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
         committers = [threading.Thread(target=self._guard, args=(self._commit_loop,), name=f"embedq-commit-{i}",
                                        daemon=True) for i in range(max(1, self.options.commit_threads))]
         self._state = "running"
         with signals as signalled:
+            self.lease.start()  # the worker shows in the job's workers once a signal would drain it
             fetcher.start()
             for thread in committers:
                 thread.start()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from embedq.cli.node import child_command, child_environment, node_devices
 from embedq.config import Settings, load_settings
 from embedq.errors import UsageError
-from embedq.keys import GROUP, JobKeys
+from embedq.keys import JobKeys
 from embedq.model import load_model_info
 from embedq.producer.slices import Slice
 from embedq.supervisor import Backoff, Slot, Supervisor, isolate_gpu, parse_cpu_list, parse_gpus, plan_slots
@@ -158,10 +158,10 @@ def half_job(redis_client: redis.Redis, job_name: str, tiny_model: Path, tmp_pat
     return keys, publish_the_rest
 
 
-def reading(client: redis.Redis, job: JobKeys) -> int:
-    """Workers that have read the job's stream: each has its drain handlers installed by then (a
-    worker still loading its model when a signal comes dies of it, with nothing to drain)."""
-    return len(client.xinfo_consumers(job.stream, GROUP))
+def working(client: redis.Redis, job: JobKeys) -> int:
+    """Workers in the job's workers hash: a worker enters it once its drain handlers are in (one
+    still loading its model when a signal comes dies of it, with nothing to drain)."""
+    return int(client.hlen(job.workers))
 
 
 def node_args(job: JobKeys, out: Path, redis_url: str) -> list[str]:
@@ -238,7 +238,7 @@ def test_sigterm_drains_every_worker_then_another_run_finishes_exactly_once(
     args = node_args(job, out, redis_url)
     node = embedq_process(*args, log=log)
     wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
-    wait_until(lambda: reading(redis_client, job) == 2, 120, "both workers reading the stream")
+    wait_until(lambda: working(redis_client, job) >= 2, 120, "both workers working")
     node.send_signal(signal.SIGTERM)
     assert node.wait(timeout=120) == 0, log.read_text()[-3000:]
     text = log.read_text()
@@ -285,7 +285,7 @@ def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis,
     args = node_args(job, out, redis_url)
     node = embedq_process(*args, log=log)
     wait_until(lambda: committed(redis_client, job) == N_DOCS // 2, 120, "the first half committed")
-    wait_until(lambda: reading(redis_client, job) == 2, 120, "both workers reading the stream")
+    wait_until(lambda: working(redis_client, job) >= 2, 120, "both workers working")
     pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log.read_text())]
     assert len(pids) == 2
     node.kill()
