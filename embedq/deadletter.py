@@ -181,10 +181,11 @@ def why_not_replayable(letter: DeadLetter, *, allow_empty: bool) -> str | None:
     return None
 
 
-def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, allow_empty: bool = False
-           ) -> tuple[int, list[tuple[str, str]]]:
+def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, allow_empty: bool = False,
+           limits: Limits | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Put replayable dead letters back into the batch stream; returns (documents replayed,
-    [(dead id, why it was skipped)]).
+    [(dead id, why it was skipped)]). A payload is read within the job's message `limits` (its
+    record's; the defaults if not given), as a worker reads it.
 
     Each letter moves in one atomic step (XADD to the batches, XDEL from the dead stream), so a
     crash during replay neither loses nor doubles a document.
@@ -198,7 +199,7 @@ def replay(client: redis.Redis, keys: JobKeys, entries: Sequence[DeadEntry], *, 
             skipped.append((entry.dead_id, reason))
             continue
         try:
-            message = msgspec.msgpack.decode(uncompressed(letter.payload, Limits()), type=BatchMessage)
+            message = msgspec.msgpack.decode(uncompressed(letter.payload, limits or Limits()), type=BatchMessage)
         except ProtocolError as exc:
             skipped.append((entry.dead_id, str(exc)))
             continue

@@ -130,7 +130,7 @@ def dead_replay(
         missing = set(ids) - {e.dead_id for e in entries}
         raise UsageError(f"No dead letter with id {', '.join(sorted(missing))} in job {job!r}.")
     record = job_record.require(client, keys)
-    documents, skipped = replay(client, keys, entries, allow_empty=record.allow_empty)
+    documents, skipped = replay(client, keys, entries, allow_empty=record.allow_empty, limits=record.limits)
     typer.echo(f"job {job}: replayed {documents:,} documents; run `embedq work --job {job}` to embed them"
                if documents else f"job {job}: nothing replayed")
     for dead_id, reason in skipped[:_SKIPPED_SHOWN]:
