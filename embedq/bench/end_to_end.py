@@ -56,17 +56,13 @@ def run_scenario(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_
     """One scenario, end to end."""
     import redis as redis_lib
 
-    from embedq.engines.profiles import fit_seq_lens
-
     result = Result(scenario=scenario)
     ids, texts = load_corpus(corpus_path, scenario.repeat, scenario.limit)
     source_file = work_dir / f"corpus-{uuid.uuid4().hex[:6]}.parquet"
     write_corpus(source_file, ids, texts)
-    # One copy as the worker embeds it: the buckets are fitted to the sequences the engine runs
-    # (a chunked job's chunks, not its documents truncated), and the ceilings run the same.
-    workload = Workload.of(model, texts[: len(texts) // scenario.repeat], scenario.chunk_tokens,
-                           scenario.chunk_overlap)
-    seq_lens = fit_seq_lens(workload.sequences.lengths, model.max_seq_len)
+    # One copy as the worker embeds it: the buckets and the ceilings run the same sequences.
+    workload = Workload.of_scenario(model, texts, scenario)
+    seq_lens = workload.seq_lens()
     result.seq_lens = list(seq_lens)
     engine = engine_for(model, scenario.engine_spec(token_budget, seq_lens))
     if baselines:

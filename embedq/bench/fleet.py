@@ -66,12 +66,8 @@ def run_fleet(scenario: Scenario, model: ModelInfo, corpus_path: Path, redis_url
               gpu_counts: list[int], out_dir: Path, tokenizer_processes: int | None, token_budget: int,
               window_docs: int) -> list[FleetResult]:
     """The scenario on each GPU count (1 first), each on a fresh job over the same corpus."""
-    from embedq.engines.profiles import fit_seq_lens
-
     ids, texts = load_corpus(corpus_path, scenario.repeat, scenario.limit)
-    workload = Workload.of(model, texts[: len(texts) // scenario.repeat], scenario.chunk_tokens,
-                           scenario.chunk_overlap)
-    seq_lens = fit_seq_lens(workload.sequences.lengths, model.max_seq_len)  # the chunks' in a chunked job
+    seq_lens = Workload.of_scenario(model, texts, scenario).seq_lens()
     results: list[FleetResult] = []
     for n in sorted({1, *gpu_counts}):
         source = work_dir / f"corpus-{uuid.uuid4().hex[:6]}.parquet"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from embedq.bench.scenarios import Scenario
     from embedq.chunking import Chunking
     from embedq.model import ModelInfo
     from embedq.tokenization import TokenizedDocs
@@ -38,6 +39,18 @@ class Workload:
             return cls(model, texts, docs)
         chunking = Chunking.for_tokenizer(tokenizer, chunk_tokens, chunk_overlap)
         return cls(model, texts, chunking.split(docs)[0], chunking)
+
+    @classmethod
+    def of_scenario(cls, model: ModelInfo, texts: list[str], scenario: Scenario) -> Workload:
+        """What the scenario's job embeds of one copy of `texts` (its corpus, `scenario.repeat` copies)."""
+        return cls.of(model, texts[: len(texts) // scenario.repeat], scenario.chunk_tokens, scenario.chunk_overlap)
+
+    def seq_lens(self) -> tuple[int, ...]:
+        """Bucket lengths fitted to the sequences the engine runs (a chunked job's chunks, not its
+        documents truncated)."""
+        from embedq.engines.profiles import fit_seq_lens
+
+        return fit_seq_lens(self.sequences.lengths, self.model.max_seq_len)
 
     @property
     def documents(self) -> int:
