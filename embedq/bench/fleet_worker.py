@@ -3,7 +3,9 @@
 It builds and warms its engine, says it is ready, waits for the go that the bench gives every
 worker at once, runs the real worker over the job until it is complete, and prints its figures as
 one JSON line. Timing starts at the go, so each GPU is timed as `embedq bench` times one: from a
-warm engine over a filled stream, with no start-up in the figure.
+warm engine over a filled stream, with no start-up in the figure. Its tokens are sampled as it runs,
+so its steady rate (without the ramp of its first windows and the tail of its last) can be told
+apart from the whole run's.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ class FleetWorkerSpec:
 READY_TIMEOUT_S = 600  # building engines (CUDA graphs for every profile) takes tens of seconds
 
 
-def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
+def run(spec: FleetWorkerSpec) -> dict[str, Any]:
     """Warm up, wait for the go, work the job to its end; the figures of this worker."""
     import redis
 
+    from embedq.bench.sampling import Gpu, Sampler, gpu_busy, steady_rate
     from embedq.bench.scenarios import BENCH_BACKEND, JOB_SETTINGS
     from embedq.engines.device import peak_memory_allocated
     from embedq.engines.factory import EngineSpec, engine_for
@@ -82,13 +85,18 @@ def run(spec: FleetWorkerSpec) -> dict[str, float | int | str]:
                         encode=None if spec.pretokenize else pool.encode)
         client.rpush(spec.ready_key, worker.id)
         _wait_for_go(client, spec.go_key)
-        started = time.time()
-        report = worker.run(install_signals=False)
-        ended = time.time()
+        stages, gpu = worker.report.stages, Gpu(spec.device)
+        with Sampler(lambda: {"tokens": stages.tokens_embedded, "committed": stages.committed, **gpu.read()},
+                     every=0.2) as sampler:
+            started = time.time()
+            report = worker.run(install_signals=False)
+            ended = time.time()
         return {"worker": worker.id, "device": spec.device, "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                 "documents": report.documents, "tokens": report.tokens, "started": started, "ended": ended,
                 "tokenizer_processes": processes, "padding_ratio": report.engine.padding_ratio,
-                "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0}
+                "peak_gpu_bytes": peak_memory_allocated(spec.device) or 0,
+                "steady_tokens_per_s": steady_rate(sampler.samples), "gpu_busy": gpu_busy(sampler.samples),
+                "timeline": [[round(s["t"], 2), s["tokens"], s.get("gpu_util", -1.0)] for s in sampler.samples]}
 
 
 def _wait_for_go(client: Any, go_key: str) -> None:

@@ -29,9 +29,12 @@ class Sampler:
 
     def _run(self) -> None:
         started = time.monotonic()
-        while not self._stop.is_set():
+        while True:
+            stopping = self._stop.is_set()  # one last sample after the stop: the run's final counts
             with contextlib.suppress(Exception):
                 self.samples.append({"t": time.monotonic() - started, **self.read()})
+            if stopping:
+                return
             self._stop.wait(self.every)
 
     def __enter__(self) -> Sampler:
@@ -99,6 +102,15 @@ def steady(samples: list[dict[str, float]]) -> list[dict[str, float]]:
         return []
     total = samples[-1]["committed"]
     return [s for s in samples if 0.1 * total <= s["committed"] <= 0.9 * total]
+
+
+def steady_rate(samples: list[dict[str, float]], key: str = "tokens") -> float | None:
+    """`key` per second over the steady part of a run, without its start and its tail (None with
+    fewer than two steady samples): how fast a worker runs, apart from its fixed costs."""
+    middle = steady(samples)
+    if len(middle) < 2 or middle[-1]["t"] <= middle[0]["t"]:
+        return None
+    return (middle[-1][key] - middle[0][key]) / (middle[-1]["t"] - middle[0]["t"])
 
 
 def gpu_busy(samples: list[dict[str, float]]) -> float | None:

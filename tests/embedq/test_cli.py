@@ -183,4 +183,16 @@ def test_bench_gpus_runs_one_worker_process_per_device_and_reports_scaling(tmp_p
     assert all(r["documents"] == 2000 and r["verify_ok"] and r["tokens_per_s"] > 0 for r in fleet)
     assert fleet[0]["scaling_efficiency"] is None and fleet[1]["scaling_efficiency"] > 0
     assert len(fleet[1]["workers"]) == 2 and len({w["worker"] for w in fleet[1]["workers"]}) == 2
+    assert all(w["timeline"] and w["timeline"][-1][1] == w["tokens"] for w in fleet[1]["workers"])
     assert "| tiny / glosses x1 / pretokenized | 2 |" in result.stdout
+
+
+def test_steady_rate_leaves_out_the_ramp_and_the_tail() -> None:
+    """A run that starts slowly and ends with a pause: its steady rate is its middle's, not its mean."""
+    from embedq.bench.sampling import steady_rate
+
+    samples = [{"t": 0.0, "committed": 0, "tokens": 0}, {"t": 2.0, "committed": 5, "tokens": 50}]  # a slow ramp
+    samples += [{"t": 2.0 + i, "committed": 5 + 10 * i, "tokens": 50 + 100 * i} for i in range(1, 10)]
+    samples += [{"t": 14.0, "committed": 100, "tokens": 1000}]  # a tail: the last window and the final commit
+    assert steady_rate(samples) == 100.0
+    assert steady_rate(samples[:2]) is None
