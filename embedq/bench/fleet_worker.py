@@ -1,11 +1,12 @@
 """One worker of `embedq bench --gpus N`, in its own process: `python -m embedq.bench.fleet_worker SPEC`.
 
-It builds and warms its engine, says it is ready, waits for the go that the bench gives every
-worker at once, runs the real worker over the job until it is complete, and prints its figures as
-one JSON line. Timing starts at the go, so each GPU is timed as `embedq bench` times one: from a
-warm engine over a filled stream, with no start-up in the figure. Its tokens are sampled as it runs,
-so its steady rate (without the ramp of its first windows and the tail of its last) can be told
-apart from the whole run's.
+It builds its engine and warms it (a batch through every profile, so each CUDA graph is captured
+before the timing starts, as in the single-GPU bench), says it is ready, waits for the go that the
+bench gives every worker at once, runs the real worker over the job until it is complete, and
+prints its figures as one JSON line. Timing starts at the go, so each GPU is timed as `embedq bench`
+times one: from a warm engine over a filled stream, with no start-up in the figure. Its tokens are
+sampled as it runs, so its steady rate (without the ramp of its first windows and the tail of its
+last) can be told apart from the whole run's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run(spec: FleetWorkerSpec) -> dict[str, Any]:
     """Warm up, wait for the go, work the job to its end; the figures of this worker."""
     import redis
 
+    from embedq.bench.ceilings import warm_up
     from embedq.bench.sampling import Gpu, Sampler, gpu_busy, steady_rate
     from embedq.bench.scenarios import BENCH_BACKEND, JOB_SETTINGS
     from embedq.engines.device import peak_memory_allocated
@@ -79,6 +81,7 @@ def run(spec: FleetWorkerSpec) -> dict[str, Any]:
         processes = default_tokenizer_processes(spec.device, model.tokenizer_file)
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(engine_for(model, engine_spec))
+        warm_up(engine, model.pad_token_id)  # the single-GPU bench's engine is warm from its GPU-only pass
         pool = stack.enter_context(TokenizerPool.for_model(model, processes, chunked=bool(record.chunk_tokens)))
         worker = Worker(client, keys, record, model, engine, open_output(spec.out_dir),
                         WorkerOptions.from_settings(JOB_SETTINGS, window_docs=spec.window_docs),

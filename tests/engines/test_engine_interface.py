@@ -159,3 +159,21 @@ def test_a_device_that_is_not_cpu_or_cuda_is_an_engine_error(name: str) -> None:
 def test_auto_device_is_cuda_only_where_torch_sees_a_gpu() -> None:
     assert resolve_device("auto") == ("cuda:0" if cuda_device_count() else "cpu")
     assert resolve_device("cpu") == "cpu"
+
+
+def test_the_bench_warms_an_engine_with_one_full_batch_of_every_profile(backend_engine: Engine) -> None:
+    """`embedq bench --gpus` warms each worker's engine before its timing starts: a CUDA graph engine
+    captures a profile's graph the first time a batch of it comes, so every profile must come."""
+    from embedq.bench.ceilings import warm_up
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Recording:
+        profiles = backend_engine.profiles
+
+        def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> object:
+            shapes.append(input_ids.shape)
+            return backend_engine.submit(input_ids, lengths)
+
+    warm_up(Recording(), pad_id=0)  # type: ignore[arg-type]
+    assert shapes == [(p.max_batch, p.max_seq_len) for p in backend_engine.profiles]

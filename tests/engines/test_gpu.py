@@ -93,3 +93,14 @@ def test_a_short_batch_on_a_full_profile_does_not_see_the_previous_rows(
 
     assert alone.shape == (2, model_info.dim)
     np.testing.assert_array_equal(after_full, alone)
+
+
+def test_the_bench_warm_up_captures_the_graph_of_every_profile(model_info: ModelInfo,
+                                                               profiles: tuple[Profile, ...]) -> None:
+    """What `embedq bench --gpus` relies on to time a warm engine: after `warm_up` every profile's
+    CUDA graph is captured, so no capture falls inside the timed run."""
+    from embedq.bench.ceilings import warm_up
+
+    with _cuda_engine(model_info, profiles, "fp16", "cuda-graphs") as engine:
+        warm_up(engine, model_info.pad_token_id)
+        assert set(engine._pipeline._runner._graphs) == set(engine.profiles)  # type: ignore[attr-defined]
