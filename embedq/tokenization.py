@@ -256,21 +256,27 @@ class TokenizerPool:
         self._local = (Tokenizer(tokenizer_file, max_seq_len, prompt=prompt, truncate=truncate) if processes == 0
                        else None)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warming: list[concurrent.futures.Future[Any]] = []
         if processes > 0:
             # spawn, not fork: the worker process may already hold a CUDA context and threads.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_process, initargs=(str(tokenizer_file), max_seq_len, prompt, truncate))
-            # Start every process now, so the first window does not pay for their start-up; not
-            # waited for, so that they start while the engine does.
-            for _ in range(processes):
-                self._pool.submit(_encode_in_process, ["warm up"])
+            # Start every process now, so the first window does not pay for their start-up (about
+            # 1 s on the H200 host); not waited for, so that they start while the engine does.
+            self._warming = [self._pool.submit(_encode_in_process, ["warm up"]) for _ in range(processes)]
 
     @classmethod
     def for_model(cls, model: ModelInfo, processes: int, *, chunked: bool = False) -> TokenizerPool:
         """The pool of a job's producer (`--pretokenize`) or worker: `Tokenizer.for_model`'s, in
         `processes` processes."""
         return cls(model.tokenizer_file, model.max_seq_len, processes, prompt=model.prompt, truncate=not chunked)
+
+    def wait_ready(self) -> None:
+        """Wait until the processes started with the pool have tokenized their warm-up (a timed run
+        starts once they have, as a worker that is already running finds them)."""
+        for future in self._warming:
+            future.result()
 
     def encode(self, texts: list[str]) -> TokenizedDocs:
         """Token ids of `texts`, in order."""

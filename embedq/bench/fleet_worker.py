@@ -83,6 +83,7 @@ def run(spec: FleetWorkerSpec) -> dict[str, Any]:
         engine = stack.enter_context(engine_for(model, engine_spec))
         warm_up(engine, model.pad_token_id)  # the single-GPU bench's engine is warm from its GPU-only pass
         pool = stack.enter_context(TokenizerPool.for_model(model, processes, chunked=bool(record.chunk_tokens)))
+        pool.wait_ready()
         worker = Worker(client, keys, record, model, engine, open_output(spec.out_dir),
                         WorkerOptions.from_settings(JOB_SETTINGS, window_docs=spec.window_docs),
                         encode=None if spec.pretokenize else pool.encode)
