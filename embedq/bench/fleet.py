@@ -25,7 +25,7 @@ from typing import Any
 from embedq.bench.corpus import load_corpus, write_corpus
 from embedq.bench.end_to_end import BenchJob
 from embedq.bench.fleet_worker import FleetWorkerSpec
-from embedq.bench.sampling import Sampler
+from embedq.bench.sampling import Sampler, redis_cpu_seconds
 from embedq.bench.scenarios import Scenario
 from embedq.bench.workload import Workload
 from embedq.keys import JobKeys
@@ -55,7 +55,7 @@ class FleetResult:
     steady_tokens_per_s: float | None = None
     steady_scaling_efficiency: float | None = None
     per_worker_gpu_busy: list[float | None] = field(default_factory=list)
-    redis_cpu_cores: float = 0.0  # Redis's CPU seconds per second of the run
+    redis_cpu_cores: float = 0.0  # Redis's main-thread CPU seconds per second of the run
     redis_peak_bytes: int = 0
     redis_net_bytes_per_s: float = 0.0
     host_cpu_busy: float = 0.0  # fraction of all the host's cores
@@ -189,7 +189,7 @@ def _end(child: subprocess.Popen[bytes]) -> None:
 
 def _redis_counters(client: Any) -> dict[str, float]:
     cpu, stats = client.info("cpu"), client.info("stats")
-    return {"cpu": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+    return {"cpu": redis_cpu_seconds(cpu),
             "net": float(stats["total_net_input_bytes"]) + float(stats["total_net_output_bytes"])}
 
 

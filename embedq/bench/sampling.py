@@ -46,6 +46,14 @@ class Sampler:
         self._thread.join(timeout=5)
 
 
+def redis_cpu_seconds(cpu_info: dict[str, Any]) -> float:
+    """CPU seconds of Redis's main thread, from `INFO cpu`: the thread that runs every command, so one
+    core is its ceiling whatever other threads it has (Redis 7 reports it apart; before, the process's)."""
+    main = ("used_cpu_sys_main_thread", "used_cpu_user_main_thread")
+    keys = main if main[0] in cpu_info else ("used_cpu_sys", "used_cpu_user")
+    return sum(float(cpu_info[key]) for key in keys)
+
+
 def process_tree_rss() -> int:
     """Resident memory of this process and all its children (the tokenizer pool), in bytes."""
     import psutil

@@ -161,19 +161,24 @@ def test_auto_device_is_cuda_only_where_torch_sees_a_gpu() -> None:
     assert resolve_device("cpu") == "cpu"
 
 
-def test_the_bench_warms_an_engine_with_one_full_batch_of_every_profile(backend_engine: Engine) -> None:
+def test_the_bench_warms_an_engine_with_one_full_batch_of_every_profile(profiles: tuple[Profile, ...]) -> None:
     """`embedq bench --gpus` warms each worker's engine before its timing starts: a CUDA graph engine
-    captures a profile's graph the first time a batch of it comes, so every profile must come."""
+    captures a profile's graph the first time a batch of it comes, so every profile must come, each
+    in a batch every engine takes (`check_batch`, what the engines validate a submit with)."""
     from embedq.bench.ceilings import warm_up
+    from embedq.engines.base import Done, check_batch
 
-    shapes: list[tuple[int, ...]] = []
+    seen: list[Profile] = []
 
     class Recording:
-        profiles = backend_engine.profiles
+        def __init__(self) -> None:
+            self.profiles = profiles
 
-        def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> object:
-            shapes.append(input_ids.shape)
-            return backend_engine.submit(input_ids, lengths)
+        def submit(self, input_ids: np.ndarray, lengths: np.ndarray) -> Done:
+            profile = check_batch(profiles, input_ids, lengths)
+            assert input_ids.shape == (profile.max_batch, profile.max_seq_len)
+            seen.append(profile)
+            return Done(np.zeros((len(lengths), 8), np.float32))
 
     warm_up(Recording(), pad_id=0)  # type: ignore[arg-type]
-    assert shapes == [(p.max_batch, p.max_seq_len) for p in backend_engine.profiles]
+    assert seen == list(profiles)

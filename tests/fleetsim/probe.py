@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import psutil
 import redis
 
+from embedq.bench.sampling import redis_cpu_seconds
 from embedq.keys import JobKeys
 
 
@@ -50,9 +51,7 @@ class Probe:
         pipe.info("cpu")
         pipe.info("stats")
         committed, (published, done), cpu, stats = pipe.execute()
-        main = ("used_cpu_sys_main_thread", "used_cpu_user_main_thread")
-        redis_cpu = sum(float(cpu[k]) for k in main) if main[0] in cpu else float(cpu["used_cpu_sys"]) + float(
-            cpu["used_cpu_user"])
+        redis_cpu = redis_cpu_seconds(cpu)
         times = psutil.cpu_times()
         busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         return Sample(time.monotonic(), int(committed or 0), int(published or 0), done == b"1", redis_cpu,
