@@ -79,7 +79,8 @@ def bench(
         metavar="FILE", show_default=False)] = None,
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="Run each scenario on this many GPUs of this node instead, one worker process per GPU, "
-        "comma-separated counts (1,2); 1 always runs first, for the scaling efficiency. No baselines.",
+        "comma-separated counts (1,2); 1 always runs first, for the scaling efficiency (of the whole run, and "
+        "of each worker's steady rate, without its start and its last window). No baselines.",
         metavar="N,N,...", show_default="one in-process worker")] = None,
     redis: Annotated[str | None, typer.Option(
         "--redis", help="Redis URL to use.", metavar="URL",
