@@ -331,11 +331,13 @@ def work(
     """Embed job NAME's batches into the --out directory until the job is complete.
 
     Run any number of workers on the same job, on any nodes: --gpus all starts one per GPU of this
-    node. SIGTERM finishes and commits what is in flight, then exits 0; a killed worker's batches
-    are taken over by the others after the lease.
+    node. SIGTERM finishes and commits what is in flight, then exits 0 (while the worker is still
+    starting, it stops at once, also with 0); a killed worker's batches are taken over by the
+    others after the lease.
     """
     from embedq.job import check_model
     from embedq.worker.output import open_output
+    from embedq.worker.signals import StoppedWhileStarting, stop_while_starting
 
     settings = settings_from(ctx)
     if gpus is not None or workers is not None:
@@ -346,16 +348,22 @@ def work(
     keys = job_keys(job, settings)
     output = open_output(out)
     started: list[Worker] = []  # metrics are served from now on; the worker's figures once it exists
-    with serve_metrics(settings.metrics_port, client, keys, worker=lambda: started[0] if started else None):
-        record = _wait_for_job(client, keys, wait)
-        STARTUP.mark("Redis and job")
-        info = _worker_model(settings, record)
-        STARTUP.mark("model files")
-        check_model(record, info)  # before the engine: building one can take minutes
-        _check_output_dtype(record, settings)
-        with worker_for(client, keys, record, info, output, settings) as worker:
-            started.append(worker)
-            report = worker.run()
+    with serve_metrics(settings.metrics_port, client, keys, worker=lambda: started[0] if started else None), \
+            contextlib.ExitStack() as stack:
+        try:
+            with stop_while_starting():  # until the worker runs, which drains on a signal instead
+                record = _wait_for_job(client, keys, wait)
+                STARTUP.mark("Redis and job")
+                info = _worker_model(settings, record)
+                STARTUP.mark("model files")
+                check_model(record, info)  # before the engine: building one can take minutes
+                _check_output_dtype(record, settings)
+                started.append(stack.enter_context(worker_for(client, keys, record, info, output, settings)))
+        except StoppedWhileStarting as stopped:
+            log.warning("%s while starting: stopped before reading anything from job %s (nothing to drain)",
+                        stopped, keys.job)
+            return
+        report = started[0].run()
     log_startup(report)
     from embedq.progress import duration, plural
 

@@ -262,3 +262,18 @@ def test_an_output_directory_turned_read_only_stops_the_worker(redis_client, key
     time.sleep(0.1)
     finish_with_one_more_worker(keys, out, redis_url, tiny_model, log)
     assert_exactly_once(redis_client, keys, out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_worker_starts_stops_it_at_once_with_exit_0(signum: int, redis_client, keys,
+                                                                       tmp_path: Path, redis_url: str) -> None:
+    """A worker told to stop before it has read anything (here: waiting for its job; as well while it
+    loads its model or builds its engine) has nothing to drain: it stops at once and ends as a
+    drained worker does, with 0, not killed by the signal (what a supervisor would count as a failure)."""
+    out, log = tmp_path / "out", tmp_path / "worker.log"
+    worker = embedq_process("work", "--job", keys.job, "--out", str(out), "--redis", redis_url, log=log)
+    wait_until(lambda: log.is_file() and "does not exist yet" in log.read_text(), 60, "the worker waiting for its job")
+    worker.send_signal(signum)
+    assert worker.wait(timeout=30) == 0, log.read_text()[-3000:]
+    assert f"{signal.Signals(signum).name} while starting: stopped before reading anything" in log.read_text()
+    assert not redis_client.exists(keys.stream)
