@@ -183,11 +183,15 @@ class SupervisorReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when every child ended with 0; a configuration error's code; else the last failure's."""
+        """0 when every child ended with 0; a configuration error's code; else the last failure's,
+        a child killed by a signal as a shell reports it (128 + the signal's number: 137 for SIGKILL)."""
         if self.fatal_exit is not None:
             return self.fatal_exit
         failed = [c.exit_code for c in self.children if c.exit_code not in (0, None)]
-        return failed[-1] if failed else 0
+        if not failed:
+            return 0
+        last = int(failed[-1])
+        return 128 - last if last < 0 else last
 
     @property
     def restarts(self) -> int:

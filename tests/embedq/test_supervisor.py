@@ -305,3 +305,16 @@ def test_workers_drain_when_the_supervisor_is_killed(redis_client: redis.Redis,
     finisher = embedq_process(*args, log=log)
     assert finisher.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert_exactly_once(redis_client, job, out)
+
+
+def test_the_node_exits_as_a_shell_reports_a_child_killed_by_a_signal() -> None:
+    """Popen gives -9 for a child killed by SIGKILL; the supervisor's own exit status must be one a
+    shell and systemd read (137), not -9 wrapped to 247."""
+    from embedq.supervisor import Child, SupervisorReport
+
+    def report(*codes: int | None) -> SupervisorReport:
+        return SupervisorReport(children=[Child(Slot(i, "cpu"), exit_code=code) for i, code in enumerate(codes)])
+
+    assert report(0, -signal.SIGKILL).exit_code == 137
+    assert report(0, 1).exit_code == 1
+    assert report(0, None).exit_code == 0
