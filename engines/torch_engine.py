@@ -83,10 +83,6 @@ def load_encoder(
             "the model directory is inconsistent."
         )
     encoder = _sentence_encoder_class()(transformer, model.pooling, model.normalize, model.pool_skip)
-    if encoder.causal and encoder.attn_implementation == "sdpa":
-        from .attention import use_causal_attention
-
-        use_causal_attention(transformer)  # no mask and no host sync in transformers' path (engines.attention)
     return encoder.to(device).eval()
 
 
@@ -102,8 +98,12 @@ def _sentence_encoder_class() -> type[torch.nn.Module]:
             super().__init__()
             self.transformer = transformer
             self.head = pooling_head(pooling, normalize, skip)
-            self.attn_implementation = str(transformer.config._attn_implementation)
             self.causal = attends_causally(transformer)
+            if self.causal and transformer.config._attn_implementation == "sdpa":
+                from .attention import use_causal_attention
+
+                use_causal_attention(transformer)  # no mask and no host sync in transformers' path
+            self.attn_implementation = str(transformer.config._attn_implementation)
 
         def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             if self.causal:

@@ -206,7 +206,7 @@ def test_decoders_attend_through_embedqs_causal_attention_which_gives_what_trans
 
     ours = load_encoder(decoder)
     config = ours.transformer.config
-    assert config._attn_implementation == NAME
+    assert config._attn_implementation == NAME == ours.attn_implementation
     assert config.num_key_value_heads < config.num_attention_heads
     plain = load_encoder(decoder)
     plain.transformer.set_attn_implementation("sdpa")
