@@ -5,8 +5,9 @@ N worker processes (`fleet_worker`), each pinned to its share of the cores as `e
 pins them (`supervisor.plan_slots`), build and warm their engines and start together on a go. The
 aggregate rate is every worker's tokens over the span from the go to the last worker's end, and
 the scaling efficiency is that rate over N times the one-GPU rate of the same run (1 is always run
-first). Alongside: Redis's CPU (cores busy, from INFO's main-thread CPU seconds), its peak memory and bytes on
-the wire, the host's CPU, and `embedq verify` on each job's output.
+first), and the same for each worker's steady rate (without its start and its last window).
+Alongside: Redis's CPU (cores busy, from INFO's main-thread CPU seconds), its peak memory and bytes
+on the wire, the host's CPU, and `embedq verify` on each job's output.
 """
 
 from __future__ import annotations
