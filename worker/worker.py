@@ -112,18 +112,19 @@ class Worker:
 
     def run(self, *, install_signals: bool = True) -> WorkerReport:
         """Work until the job is complete (or a signal, or a fatal error); returns the report."""
-        self._redis(lambda: ensure_group(self.client, self.keys), "create the consumer group")
-        self.output.claim(self.keys.job)
-        self._redis(lambda: record_output(self.client, self.keys, self.output), "record the output location")
-        recovered = self._recover("recover parts left by earlier workers")
-        if recovered.rolled_forward:
-            log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
         signals = drain_on_signal(self.stop) if install_signals else contextlib.nullcontext(bool)
-        fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
-        committers = [threading.Thread(target=self._guard, args=(self._commit_loop,), name=f"embedq-commit-{i}",
-                                       daemon=True) for i in range(max(1, self.options.commit_threads))]
-        self._state = "running"
+        # From the first step on, a signal drains: one during recovery lets it finish, then nothing is read.
         with signals as signalled:
+            self._redis(lambda: ensure_group(self.client, self.keys), "create the consumer group")
+            self.output.claim(self.keys.job)
+            self._redis(lambda: record_output(self.client, self.keys, self.output), "record the output location")
+            recovered = self._recover("recover parts left by earlier workers")
+            if recovered.rolled_forward:
+                log.info("rolled %d committed part(s) forward", len(recovered.rolled_forward))
+            fetcher = threading.Thread(target=self._guard, args=(self._fetch_loop,), name="embedq-fetch", daemon=True)
+            committers = [threading.Thread(target=self._guard, args=(self._commit_loop,), name=f"embedq-commit-{i}",
+                                           daemon=True) for i in range(max(1, self.options.commit_threads))]
+            self._state = "running"
             self.lease.start()  # the worker shows in the job's workers once a signal would drain it
             fetcher.start()
             for thread in committers:

@@ -11,7 +11,7 @@ import redis
 
 from embedq.deadletter import list_dead
 from embedq.errors import JobMismatch
-from embedq.keys import JobKeys
+from embedq.keys import GROUP, JobKeys
 from embedq.protocol import COMPRESSED, PAYLOAD_FIELD
 from embedq.verify import verify_job
 from embedq.worker.consumer import StreamConsumer, ensure_group
@@ -257,3 +257,34 @@ def test_a_committed_part_left_under_its_staging_name_is_rolled_forward(redis_cl
     assert result.rolled_forward == 1 and result.orphans_removed == 1
     assert output.final(name).exists() and not list(out.glob(".*.tmp"))
     assert len(read_output(out)) == 600
+
+
+def test_a_signal_during_the_workers_recovery_drains_it_before_it_reads_anything(
+        redis_client, keys, model_info, cpu_engine, corpus, tmp_path: Path) -> None:
+    """The drain handlers are in from the first step of `run`: a SIGTERM while the worker recovers
+    earlier workers' parts lets the recovery finish, then the worker ends, stopped by the signal,
+    having read nothing (before, a signal in that window killed the process)."""
+    import os
+    import signal
+
+    record, _ = produce(redis_client, keys, model_info, corpus, batch_size=100)
+    worker = Worker(redis_client, keys, record, model_info, cpu_engine, open_output(tmp_path / "out"),
+                    WorkerOptions(window_docs=200, lease_seconds=5.0, idle_exit_seconds=20.0))
+    recover = worker._recover
+
+    def recover_and_get_a_signal(what: str):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread before the next step
+        return recover(what)
+
+    def undrained(signum: int, _frame: object) -> None:
+        raise AssertionError("the signal reached the process before the worker's drain handlers")
+
+    worker._recover = recover_and_get_a_signal  # type: ignore[method-assign]
+    previous = signal.signal(signal.SIGTERM, undrained)  # what a missing drain handler would leave in place
+    try:
+        report = worker.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert report.stopped_by_signal and not report.job_complete
+    assert report.delivered == 0 and report.documents == 0
+    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
