@@ -36,6 +36,7 @@ from embedq.cli.options import (
     FormatOpt,
     GraphsOpt,
     IdFieldOpt,
+    LeaseOpt,
     MaxDocOpt,
     MaxSeqOpt,
     MetricsPortOpt,
@@ -107,7 +108,7 @@ def run(
     cuda_graphs: GraphsOpt = DEFAULTS.cuda_graphs, unpad: UnpadOpt = DEFAULTS.unpad,
 
     rebuild_engines: RebuildOpt = DEFAULTS.rebuild_engines, window_docs: WindowOpt = DEFAULTS.window_docs,
-    window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds,
+    window_seconds: WindowSecondsOpt = DEFAULTS.window_seconds, lease_seconds: LeaseOpt = DEFAULTS.lease_seconds,
     output_dtype: DtypeOpt = DEFAULTS.output_dtype, truncate_dim: TruncateDimOpt = None,
     chunk_tokens: ChunkOpt = DEFAULTS.chunk_tokens, chunk_overlap: OverlapOpt = DEFAULTS.chunk_overlap,
     calibration: CalibrationOpt = None, calibration_docs: CalibrationDocsOpt = DEFAULTS.calibration_docs,

@@ -178,7 +178,7 @@ def test_kill_9_in_the_middle_of_the_incremental_job_loses_nothing_and_embeds_no
     write(source, after)
     args = ["run", str(source), "--out", str(tmp_path / "out"), "--state", str(tmp_path / "state"),
             "--incremental", "--job", stem, "--redis", redis_url, "--model", str(tiny_model),
-            "--batch-size", "20", "--window-docs", "40"]
+            "--batch-size", "20", "--window-docs", "40", "--lease-seconds", "3"]  # the resume reclaims after 3 s
     process = embedq_process(*args, log=tmp_path / "run.log")
     wait_until(lambda: len(list((tmp_path / "out").glob("g000002-*/part-*.parquet"))) >= 2, 120, "two parts")
     process.kill()
